@@ -1,0 +1,1 @@
+from . import ofa  # noqa: F401
