@@ -67,7 +67,6 @@ _NUMPY_SCALAR_DTYPES = tuple(
             "BoolDType",
             "Int8DType", "Int16DType", "Int32DType", "Int64DType",
             "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType",
-            "LongLongDType", "ULongLongDType",
             "Float16DType", "Float32DType", "Float64DType",
         )
     )
@@ -118,10 +117,9 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
         self.globals = list(globals_)
         names = ", ".join(self.globals) if self.globals else "an unsupported object"
         msg = (
-            f"Refusing to load checkpoint {self.path!r}: it references {names}, which is not "
-            "among the globals allowed in fairseq/OFA checkpoints "
-            "(mue_fairseq.checkpoint_safety.SAFE_GLOBALS). Nothing in the file was executed. "
-            "Only load checkpoints from sources you trust."
+            f"Refusing to load checkpoint {self.path!r}: it references {names}, outside the "
+            "globals allowed in fairseq/OFA checkpoints "
+            "(mue_fairseq.checkpoint_safety.SAFE_GLOBALS). Nothing in the file was executed."
         )
         if detail:
             msg += f"\nUnpickler said: {detail}"
@@ -153,15 +151,18 @@ def _with_alias(name: str) -> str:
 
 
 def _offending_globals(message: str, source: Any) -> List[str]:
-    """Offending globals from torch's message, completed by a scan of the file's pickle."""
+    """Offending globals: a scan of the file's pickle (fully qualified names, nothing is
+    unpickled), completed by what torch's message names."""
     found: List[str] = []
-    for regex in (_GLOBAL_RE, _BUILD_RE, _REDUCE_RE):
-        found.extend(regex.findall(message))
     if isinstance(source, (str, os.PathLike)):
-        try:  # lists every not-allowed global in the archive without unpickling anything
+        try:
             found.extend(torch.serialization.get_unsafe_globals_in_checkpoint(source))
         except Exception:  # not a zip checkpoint, unreadable, ...: the message is enough
             pass
+    for regex in (_GLOBAL_RE, _BUILD_RE, _REDUCE_RE):
+        for name in regex.findall(message):
+            if not any(f == name or f.endswith("." + name) for f in found):
+                found.append(name)
     return [_with_alias(name) for name in dict.fromkeys(found)]
 
 
@@ -177,6 +178,7 @@ def _unpickler_detail(text: str) -> str:
         text = text.split("WeightsUnpickler error:", 1)[1]
     elif "trusted source." in text:
         text = text.split("trusted source.", 1)[1]
+    text = text.split("Please use `torch.serialization.add_safe_globals")[0]
     return " ".join(text.split())
 
 
@@ -185,7 +187,8 @@ def safe_torch_load(f: Any, map_location: Any = "cpu", *, path: Optional[str] = 
 
     ``f`` is a path or a binary file object; ``path`` names it in errors when ``f`` is a
     file object. Raises :class:`UnsafeCheckpointError` if the file needs any global outside
-    torch's own set and :data:`SAFE_GLOBALS`.
+    torch's own set and :data:`SAFE_GLOBALS`; other weights_only refusals (a corrupt file,
+    an opcode the restricted unpickler does not support) stay torch's UnpicklingError.
     """
     install_safe_globals()
     if path is None:
@@ -196,9 +199,10 @@ def safe_torch_load(f: Any, map_location: Any = "cpu", *, path: Optional[str] = 
         if isinstance(exc, UnsafeCheckpointError) or not _is_weights_only_error(exc):
             raise
         text = str(exc)
-        raise UnsafeCheckpointError(
-            path, _offending_globals(text, path), _unpickler_detail(text)
-        ) from None
+        offending = _offending_globals(text, path)
+        if not offending:  # corrupt or unsupported file rather than a foreign global
+            raise
+        raise UnsafeCheckpointError(path, offending, _unpickler_detail(text)) from None
 
 
 def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):

@@ -11,7 +11,7 @@ references of each call (pycocoevalcap's behaviour).
 import os
 import pickle
 from collections import defaultdict
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from pycocoevalcap.cider.cider_scorer import CiderScorer

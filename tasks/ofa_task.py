@@ -200,7 +200,7 @@ class OFATask(FairseqTask):
 
         model.train()
         model.set_num_updates(update_num)
-        extra = {"update_num": update_num} if _accepts(criterion.forward, "update_num") else {}
+        extra = {"update_num": update_num} if _accepts(getattr(criterion, "forward", criterion), "update_num") else {}
         with torch.autograd.profiler.record_function("forward"):
             with torch.autocast("cuda", enabled=isinstance(optimizer, AMPOptimizer)):
                 loss, sample_size, logging_output = criterion(model, sample, **extra)

@@ -35,6 +35,9 @@ def test_size_with_ofa_dict_txt():
     assert len(d) == 59457
     assert (d.index("<mask>"), d.index("<code_0>"), d.index("<bin_0>"), d.index("<bin_999>")) == (
         50264, 50265, 58457, 59456)
+    bpe = build_gpt2_bpe(os.path.dirname(OFA_DICT))
+    ids = [encode_text(a, bpe, d).tolist() for a in (" no", " yes", " maybe")]
+    assert ids == [[117], [4420], [2085]]
 
 
 def test_bpe_round_trip_and_single_token_answers(bpe_dir):

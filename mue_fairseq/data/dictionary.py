@@ -61,9 +61,11 @@ def build_gpt2_bpe(bpe_dir: str):
     return encoders.build_bpe(cfg)
 
 
-def build_bpe(bpe: str, bpe_dir: str):
-    """The task's ``--bpe``: only ``gpt2`` (OFA's English models) is supported."""
-    if bpe != "gpt2":
+def build_bpe(bpe: Optional[str], bpe_dir: str):
+    """The task's ``--bpe``: ``gpt2`` (OFA's English models). Unset (None) also means gpt2,
+    as in OFA: fairseq's own top-level ``--bpe`` option shadows the task field on the
+    command line, so it usually arrives as None."""
+    if bpe not in (None, "gpt2"):
         raise NotImplementedError(
             f"--bpe={bpe!r} is not supported; OFA's English checkpoints use --bpe=gpt2"
         )

@@ -37,7 +37,7 @@ class ExitRecord:
     """Exit behaviour of one sample.
 
     image_exit_layer / text_exit_layer: encoder layers the stream ran (1..N_E; N_E when it did
-    not exit, and both equal for a joint encoder). image_tokens / text_tokens: non-pad tokens
+    not exit, and both equal for a joint encoder; 0 for a stream without tokens). image_tokens / text_tokens: non-pad tokens
     of each stream. decoder_exit_layers: one entry per generated token, the decoder layer it
     exited at (1..N_D). propagated_layers: per token, layers whose k/v were filled from the
     exited state (N_D - exit layer with propagation on); empty = none.
@@ -80,10 +80,11 @@ class ExitStats:
     def add(self, record: ExitRecord) -> None:
         """Add one sample; raises ``ValueError`` on out-of-range layers."""
         n_e, n_d = self.num_encoder_layers, self.num_decoder_layers
-        for name in ("image_exit_layer", "text_exit_layer"):
+        for name, tokens in (("image_exit_layer", record.image_tokens), ("text_exit_layer", record.text_tokens)):
             v = getattr(record, name)
-            if not 1 <= v <= n_e:
-                raise ValueError(f"{name} must be in 1..{n_e}, got {v}")
+            low = 0 if tokens == 0 else 1  # a stream with no tokens (e.g. no image) runs no layer
+            if not low <= v <= n_e:
+                raise ValueError(f"{name} must be in {low}..{n_e}, got {v}")
         if any(not 1 <= k <= n_d for k in record.decoder_exit_layers):
             raise ValueError(f"decoder exit layers must be in 1..{n_d}")
         p = record.propagated_layers
@@ -152,14 +153,15 @@ class ExitStats:
         """Eq. 14: ``1 - (n_E/N_E + sum_tokens n_D / (num_tokens * N_D)) / 2``.
 
         Per sample n_E is the mean of the image and text exit layers (the decomposed encoder
-        runs both streams; the paper defines n_E for one encoder). Over a run the encoder term
+        runs both streams; the paper defines n_E for one encoder); a stream without tokens
+        (a sample without image) is left out of that mean. Over a run the encoder term
         averages the per-sample n_E/N_E, and the decoder term pools all generated tokens of all
         samples (the paper's word-weighted sum, Eq. 14's w_i). Without decoder tokens the
         decoder term is 1 (no reduction). None when no samples were added.
         """
         if not self.records:
             return None
-        enc = sum((r.image_exit_layer + r.text_exit_layer) / 2 for r in self.records)
+        enc = sum(self._encoder_layers(r) for r in self.records)
         enc /= len(self.records) * self.num_encoder_layers
         n_tok = self.num_tokens
         dec = 1.0
@@ -167,6 +169,14 @@ class ExitStats:
             used = sum(sum(r.decoder_exit_layers) for r in self.records)
             dec = used / (n_tok * self.num_decoder_layers)
         return 1.0 - (enc + dec) / 2.0
+
+    @staticmethod
+    def _encoder_layers(r: ExitRecord) -> float:
+        """n_E of one sample: the mean exit layer of the streams that hold tokens (a sample
+        without image has only its text stream)."""
+        used = [layers for layers, tokens in ((r.image_exit_layer, r.image_tokens),
+                                              (r.text_exit_layer, r.text_tokens)) if tokens > 0]
+        return sum(used) / len(used) if used else 0.0
 
     def layer_costs(self, stream_len: int) -> Dict[str, int]:
         """Per-token-per-layer MACs: ``enc`` (attending over ``stream_len`` tokens), ``dec``,

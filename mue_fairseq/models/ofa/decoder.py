@@ -18,6 +18,7 @@ from fairseq.modules import LayerNorm
 from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor, nn
 
+from ...exits.policies import token_cosine
 from . import positions
 from .attention import IncrementalState
 from .layers import LayerConfig, OFADecoderLayer
@@ -99,6 +100,8 @@ class OFADecoder(FairseqIncrementalDecoder):
         self.exit_policy = None
         self.exit_max_len: Optional[int] = None  # N of Eq. 11, set by the generator
         self.exit_observer: Optional[Callable[[Tensor, Tensor], Any]] = None
+        # optional callback ("decoder", layer, rows, token similarities) for analysis
+        self.similarity_observer = None
 
     def build_decoder_layer(self, cfg: LayerConfig, encoder_embed_dim: int) -> OFADecoderLayer:
         return OFADecoderLayer(cfg, encoder_embed_dim)
@@ -202,6 +205,8 @@ class OFADecoder(FairseqIncrementalDecoder):
             inner_states.append(x)
             if i == alignment_layer:
                 attn = layer_attn
+        if incremental and self.exit_observer is not None:
+            self.exit_observer(encoder_out, x.new_full((bsz,), self.num_layers, dtype=torch.long))
         features = x.transpose(0, 1)
         out = features if features_only else self.project(features)
         return out, {"attn": [attn], "inner_states": inner_states}
@@ -245,6 +250,8 @@ class OFADecoder(FairseqIncrementalDecoder):
                 incremental_state=incremental_state,
                 rows=active,
             )
+            if self.similarity_observer is not None:
+                self.similarity_observer("decoder", i + 1, active, token_cosine(hidden[0], out[0]))
             if i + 1 == self.num_layers:
                 final[:, active] = out
                 break

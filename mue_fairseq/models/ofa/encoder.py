@@ -16,7 +16,7 @@ from fairseq.modules import LayerNorm
 from fairseq.modules.fairseq_dropout import FairseqDropout
 from torch import Tensor, nn
 
-from ...exits.policies import encoder_stream_exits
+from ...exits.policies import masked_mean_cosine
 from . import positions
 from .layers import LayerConfig, OFAEncoderLayer
 from .resnet import OUTPUT_CHANNELS, STRIDE, ResNetBackbone
@@ -91,6 +91,8 @@ class OFAEncoder(FairseqEncoder):
         self.register_buffer("image_rp_bucket", positions.image_relative_buckets(image_bucket_size))
         # (image, text) similarity thresholds; set through OFAModel.set_exit_config
         self.exit_thresholds: Optional[tuple] = None
+        # optional callback (stream name, layer, sample rows, similarities) for analysis
+        self.similarity_observer = None
 
     def build_encoder_layer(self, cfg: LayerConfig) -> OFAEncoderLayer:
         return OFAEncoderLayer(cfg)
@@ -232,8 +234,8 @@ class OFAEncoder(FairseqEncoder):
         if self.decompose_modalities:
             n_img = image.size(1)
             streams = [
-                (x[:, :n_img], image_pad, pos[:, :n_img], lambda i: self._image_rel_bias(i, image_ids)),
-                (x[:, n_img:], text_pad, pos[:, n_img:], lambda i: self._text_rel_bias(i, src_len)),
+                ("image", x[:, :n_img], image_pad, pos[:, :n_img], lambda i: self._image_rel_bias(i, image_ids)),
+                ("text", x[:, n_img:], text_pad, pos[:, n_img:], lambda i: self._text_rel_bias(i, src_len)),
             ]
             thresholds = self.exit_thresholds or (None, None)
             results = [self._run_stream(*stream, threshold=t) for stream, t in zip(streams, thresholds)]
@@ -259,7 +261,7 @@ class OFAEncoder(FairseqEncoder):
         out["encoder_out"] = [hidden]
         return out
 
-    def _run_stream(self, x: Tensor, pad: Tensor, pos: Tensor, rel_bias, threshold: Optional[float]):
+    def _run_stream(self, name: str, x: Tensor, pad: Tensor, pos: Tensor, rel_bias, threshold: Optional[float]):
         """Run one modality through the layers on its own, exiting per sample.
 
         x: `(batch, len, dim)`; pad: `(batch, len)`. Returns the stream's output
@@ -286,8 +288,11 @@ class OFAEncoder(FairseqEncoder):
             rows_pad = pad if active is None else pad[active]
             rows_bias = (bias if active is None else bias[active]) + rel_bias(i)
             new_hidden = layer(hidden, rows_pad if bool(rows_pad.any()) else None, rows_bias)
-            if threshold is not None:
-                exits = encoder_stream_exits(hidden.transpose(0, 1), new_hidden.transpose(0, 1), rows_pad, threshold)
+            if threshold is not None:  # Eqs. 8-9: mean token cosine between the layer's input and output
+                similarity = masked_mean_cosine(hidden.transpose(0, 1), new_hidden.transpose(0, 1), rows_pad)
+                if self.similarity_observer is not None:
+                    self.similarity_observer(name, i + 1, active, similarity)
+                exits = similarity > threshold
                 if i + 1 < self.num_layers and bool(exits.any()):
                     done = active[exits]
                     output[:, done] = new_hidden[:, exits]

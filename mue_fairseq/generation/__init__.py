@@ -1,0 +1,1 @@
+from .exit_generator import ExitAwareSequenceGenerator  # noqa: F401
