@@ -7,3 +7,5 @@ mue_fairseq/__init__.py loads it under that name. Every module here is imported 
 level. Import siblings relatively (``from .x import y``) or as ``mue_fairseq.criterions.x``,
 never as ``criterions.x``.
 """
+from . import label_smoothed_cross_entropy  # noqa: F401,E402  (registers adjust_label_smoothed_cross_entropy)
+from . import scst_loss  # noqa: F401,E402  (registers scst_reward_criterion)

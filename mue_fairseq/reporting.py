@@ -306,7 +306,7 @@ def plot_exit_histograms(summary: Mapping[str, Any], path_png: str, title: str =
         ax.set_xticks(layers if counts.size else [])
         ax.set_xlabel("exit layer")
         ax.set_ylabel(f"fraction of {unit}")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, min(1.0, 1.15 * (counts / total).max()) if total > 0 else 1.0)
         ax.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title)

@@ -81,6 +81,12 @@ ARCHITECTURES = {
     "ofa_base": dict(encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_layers=6,
                      encoder_attention_heads=12, decoder_layers=6, decoder_attention_heads=12, resnet_type="resnet101"),
     "ofa_large": _LARGE,
+    # not in OFA: ofa_base's depth (6 + 6, so exits have room) at a width and backbone that
+    # train on a laptop CPU; used by the embedded procedural task (python -m mue_fairseq.demo)
+    "ofa_demo": dict(encoder_embed_dim=128, encoder_ffn_embed_dim=512, encoder_layers=6,
+                     encoder_attention_heads=4, decoder_layers=6, decoder_attention_heads=4,
+                     resnet_type="resnet_light", scale_attn=True, scale_fc=True, scale_heads=True,
+                     disable_entangle=True),
     "ofa_huge": dict(encoder_embed_dim=1280, encoder_ffn_embed_dim=5120, encoder_layers=24,
                      encoder_attention_heads=16, decoder_layers=12, decoder_attention_heads=16, resnet_type="resnet152"),
 }

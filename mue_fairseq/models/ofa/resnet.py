@@ -15,6 +15,8 @@ RESNET_STAGES = {
     "resnet50": [3, 4, 6],
     "resnet101": [3, 4, 23],
     "resnet152": [3, 8, 36],
+    # not in OFA: one block per stage, the light backbone of the CPU demo arch (ofa_demo)
+    "resnet_light": [1, 1, 1],
 }
 OUTPUT_CHANNELS = 1024
 STRIDE = 16
