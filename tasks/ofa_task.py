@@ -8,15 +8,18 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from fairseq.data import iterators
 from fairseq.tasks import FairseqTask, register_task
 
+import mue_fairseq.optim  # noqa: F401  (replaces polynomial_decay with the --warmup-ratio version)
 from mue_fairseq.data import TSVReader, build_bpe, build_ofa_dictionary
 from mue_fairseq.data.base import OFAImageTextDataset
+from mue_fairseq.exits.accounting import ExitRecord, ExitStats
 from mue_fairseq.exits.config import ExitConfig
+from mue_fairseq.generation.exit_generator import ExitAwareSequenceGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +172,7 @@ class OFATask(FairseqTask):
         dataset.set_epoch(epoch)
         n = len(dataset)
         batches = [list(range(i, min(i + max_sentences, n))) for i in range(0, n, max_sentences)]
-        total = dataset.reader.get_total_row_count()
-        num_batches = math.ceil(math.ceil(total / num_shards) / max_sentences)
+        num_batches = batches_per_epoch(dataset.reader.get_total_row_count(), max_sentences, num_shards)
         batches += [[] for _ in range(num_batches - len(batches))]
         return iterators.EpochBatchIterator(
             dataset=dataset,
@@ -191,7 +193,43 @@ class OFATask(FairseqTask):
         (``self.bpe``). Subclasses add their evaluation helpers here."""
         return super().build_model(cfg, from_checkpoint)
 
-    # build_generator (OFA's generator: BOS start, constraint_range, exits) is the lead's.
+    # ------------------------------------------------------------------ generation
+    def build_generator(
+        self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None,
+    ):
+        """fairseq's generator, made OFA's and MuE's:
+
+        * with exits on (``self.exit_cfg.enabled``) and no ``seq_gen_cls`` given, an
+          :class:`ExitAwareSequenceGenerator` with ``exit_cfg=self.exit_cfg`` (its ``.stats``
+          collects the exit statistics); otherwise fairseq's stock generator. Passing
+          ``seq_gen_cls=ExitAwareSequenceGenerator`` explicitly gives one with exits off too
+          (full depth, but statistics and wall clock are recorded: the evaluation baseline);
+        * ``--constraint-range START,END`` (OFA's task option) restricts every generated token
+          to the special symbols and ids in [START, END), through fairseq's prefix-constrained
+          beam search.
+
+        Generation starts from BOS: see :meth:`inference_step`.
+        """
+        extra = dict(extra_gen_cls_kwargs or {})
+        if prefix_allowed_tokens_fn is None and self.cfg.constraint_range:
+            prefix_allowed_tokens_fn = constraint_range_fn(self.cfg.constraint_range, len(self.tgt_dict))
+        if seq_gen_cls is None and self.exit_cfg.enabled and not getattr(args, "score_reference", False):
+            seq_gen_cls = ExitAwareSequenceGenerator
+        if seq_gen_cls is not None and issubclass(seq_gen_cls, ExitAwareSequenceGenerator):
+            extra.setdefault("exit_cfg", self.exit_cfg)
+        return super().build_generator(
+            models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+        )
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        """As fairseq's, but decoding starts from BOS (OFA's models are trained on
+        ``prev_output_tokens = [bos] + target``), not from EOS."""
+        with torch.no_grad():
+            return generator.generate(
+                models, sample, prefix_tokens=prefix_tokens, constraints=constraints,
+                bos_token=self.tgt_dict.bos(),
+            )
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
         """As fairseq's, but passes ``update_num`` to criterions that accept it (OFA's
@@ -220,6 +258,82 @@ class OFATask(FairseqTask):
     @property
     def target_dictionary(self):
         return self.tgt_dict
+
+
+def batches_per_epoch(total_rows: int, batch_size: int, num_shards: int = 1) -> int:
+    """Batches every rank iterates over in an epoch of a ``total_rows``-row TSV file: the
+    largest rank slice (``ceil(total_rows / num_shards)`` rows) in batches of ``batch_size``;
+    ranks with fewer rows pad with empty batches (see ``OFATask.get_batch_iterator``)."""
+    return math.ceil(math.ceil(total_rows / num_shards) / batch_size)
+
+
+def constraint_range_fn(constraint_range: str, vocab_size: int):
+    """``prefix_allowed_tokens_fn`` for ``--constraint-range START,END``: the special symbols
+    0..3 and ids START..END-1 (OFA's generator masks every other id)."""
+    try:
+        start, end = (int(x) for x in constraint_range.split(","))
+    except ValueError:
+        raise ValueError(f"--constraint-range must be 'START,END', got {constraint_range!r}") from None
+    if not 4 <= start < end <= vocab_size:
+        raise ValueError(f"--constraint-range {constraint_range}: need 4 <= START < END <= {vocab_size}")
+    allowed = list(range(4)) + list(range(start, end))
+    return lambda batch_id, tokens: allowed
+
+
+# ---------------------------------------------------------------------- exit statistics
+def new_exit_stats(model) -> ExitStats:
+    """An empty :class:`ExitStats` for ``model``'s dimensions (as the exit-aware generator's)."""
+    return ExitStats(
+        num_encoder_layers=model.encoder.num_layers,
+        num_decoder_layers=model.decoder.num_layers,
+        embed_dim=model.decoder.embed_dim,
+        ffn_dim=model.decoder.layers[0].fc1.out_features,
+        decomposed_encoder=bool(model.encoder.decompose_modalities),
+    )
+
+
+def record_ids(ids, count: int) -> List[Optional[int]]:
+    """Sample ids for :class:`ExitRecord` (ints): the batch's ``id`` column where numeric,
+    else None."""
+    if ids is None:
+        return [None] * count
+    values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    out = []
+    for v in values:
+        try:
+            out.append(int(v))
+        except (TypeError, ValueError):
+            out.append(None)
+    return out
+
+
+def add_exit_records(
+    stats: ExitStats,
+    encoder_out: Dict[str, List[torch.Tensor]],
+    decoder_layers: Sequence[Sequence[int]],
+    ids=None,
+) -> None:
+    """One :class:`ExitRecord` per sample of ``encoder_out`` (batch B, as the encoder returned
+    it): the image/text exit layers the encoder reported (full depth when it reported none),
+    the non-pad token count of each stream, and ``decoder_layers[b]``: the decoder exit layer
+    of each counted token of sample b. The decoder propagates an exited token's state to the
+    layers it skipped, so ``propagated_layers`` is N_D - exit layer per token."""
+    pad, modality = encoder_out["encoder_padding_mask"][0], encoder_out["modality"][0]
+    bsz = pad.size(0)
+    image_tokens = ((modality == 1) & ~pad).sum(1).tolist()
+    text_tokens = ((modality == 0) & ~pad).sum(1).tolist()
+    full = [stats.num_encoder_layers] * bsz
+    image_exit = encoder_out["image_exit_layer"][0].tolist() if encoder_out.get("image_exit_layer") else full
+    text_exit = encoder_out["text_exit_layer"][0].tolist() if encoder_out.get("text_exit_layer") else full
+    n_dec = stats.num_decoder_layers
+    for i, sample_id in enumerate(record_ids(ids, bsz)):
+        layers = [int(k) for k in decoder_layers[i]]
+        stats.add(ExitRecord(
+            image_exit_layer=int(image_exit[i]), text_exit_layer=int(text_exit[i]),
+            image_tokens=int(image_tokens[i]), text_tokens=int(text_tokens[i]),
+            decoder_exit_layers=layers, propagated_layers=[n_dec - k for k in layers],
+            sample_id=sample_id,
+        ))
 
 
 def _accepts(fn, name: str) -> bool:
