@@ -88,13 +88,10 @@ def caption_scores(predictions: Dict[str, str], references: Dict[str, List[str]]
     scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
                (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
     for scorer, names in scorers:
-        score, _ = scorer.compute_score(gts, res)
+        score, _ = scorer.compute_score(gts, res)  # Meteor's java process ends with the object
         values = score if isinstance(score, list) else [score]
         for name, value in zip(names, values):
             scores[name] = float(value)
-        close = getattr(scorer, "close", None)  # Meteor keeps a java process
-        if close is not None:
-            close()
     if spice:
         why = spice_unavailable()
         if why is None:

@@ -8,6 +8,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 from fairseq import metrics
+from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks import register_task
 
 from mue_fairseq.data import CaptionDataset, decode_tokens
@@ -84,7 +85,9 @@ class CaptionTask(OFATask):
             self.cider_scorer = CiderD(self.cfg.eval_cider_cached_tokens)
         if getattr(self.cfg, "scst", False):
             scst_args = _json_option(self.cfg.scst_args, "--scst-args")
-            self.scst_generator = self.build_generator([model], Namespace(**scst_args))
+            # SCST candidates are training data: always full depth, whatever the exit options
+            self.scst_generator = self.build_generator([model], Namespace(**scst_args),
+                                                       seq_gen_cls=SequenceGenerator)
         return model
 
     # ------------------------------------------------------------------ validation
@@ -95,7 +98,6 @@ class CaptionTask(OFATask):
     def generate_captions(self, generator, sample, model) -> Tuple[List[str], List[List[str]]]:
         """Best beam hypothesis per sample and its references, both punctuation-free
         (OFA's post-processing)."""
-        # exit-aware generation (MuE) hooks in here via the lead's generator.
         outputs = self.inference_step(generator, [model], sample)
         pad = self.tgt_dict.pad()
         hyps, refs = [], []
@@ -108,6 +110,33 @@ class CaptionTask(OFATask):
             logger.info("example hypothesis: %s", hyps[0])
             logger.info("example reference: %s", " && ".join(refs[0]))
         return hyps, refs
+
+    def eval_step(self, generator, models, sample, exit_stats=None):
+        """OFA's ``eval_caption``: ``([{"image_id": str, "caption"}], None)``, the best beam
+        hypothesis with punctuation removed. Exit statistics are recorded by an exit-aware
+        ``generator`` itself (its ``.stats``); ``exit_stats`` is not used here."""
+        outputs = self.inference_step(generator, models, sample)
+        ids = sample["id"].tolist() if hasattr(sample["id"], "tolist") else list(sample["id"])
+        return [
+            {"image_id": str(sample_id), "caption": strip_punctuation(self.decode(hypos[0]["tokens"]))}
+            for sample_id, hypos in zip(ids, outputs)
+        ], None
+
+    def evaluation_metrics(self, results, scores, dataset=None, log=print) -> dict:
+        """COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE when it can run) of
+        ``results`` against the raw references in ``dataset``'s TSV file (see
+        :mod:`mue_fairseq.caption_metrics`). A repeated image id is scored once (first
+        prediction)."""
+        from mue_fairseq.caption_metrics import caption_scores, read_references
+
+        predictions = {}
+        for r in results:
+            predictions.setdefault(str(r["image_id"]), r["caption"])
+        reader = dataset.reader
+        references = read_references(reader.path, reader.selected_cols, fields=dataset.FIELDS)
+        metrics_ = caption_scores(predictions, references, log=log)
+        metrics_["num_images"] = len(predictions)
+        return metrics_
 
     def valid_step(self, sample, model, criterion, **kwargs):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)

@@ -56,13 +56,10 @@ class OFADecoder(FairseqIncrementalDecoder):
 
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = LayerNorm(dim) if layernorm_embedding else None
-        self.embed_positions = nn.Embedding(max_target_positions + 2, dim)
-        # image positions / code layer norm serve OFA's image-generation tasks; kept so
+        # the image positions / code layer norm serve OFA's image-generation tasks; kept so
         # OFA checkpoints load strictly
-        self.embed_image_positions = nn.Embedding(image_bucket_size**2 + 1, dim)
-        self.pos_ln = LayerNorm(dim)
-        self.image_pos_ln = LayerNorm(dim)
-        self.pos_scaling = float(dim / layer_cfg.num_heads * layer_cfg.attn_scale_factor) ** -0.5
+        positions.add_position_tables(self, dim, layer_cfg.num_heads, num_layers, max_target_positions,
+                                      token_bucket_size, image_bucket_size, layer_cfg.attn_scale_factor)
         self.self_pos_q_linear = nn.Linear(dim, dim)
         self.self_pos_k_linear = nn.Linear(dim, dim)
         self.cross_pos_q_linear = nn.Linear(dim, dim)
@@ -84,14 +81,6 @@ class OFADecoder(FairseqIncrementalDecoder):
             self.output_projection = nn.Linear(dim, len(dictionary), bias=False)
             nn.init.normal_(self.output_projection.weight, mean=0, std=dim**-0.5)
 
-        self.token_rel_pos_table_list = nn.ModuleList(
-            [nn.Embedding(2 * token_bucket_size - 1, self.num_heads) for _ in range(num_layers)]
-        )
-        self.image_rel_pos_table_list = nn.ModuleList(
-            [nn.Embedding(positions.num_image_buckets(image_bucket_size), self.num_heads) for _ in range(num_layers)]
-        )
-        self.register_buffer("token_rp_bucket", positions.token_relative_buckets(token_bucket_size, 1024))
-        self.register_buffer("image_rp_bucket", positions.image_relative_buckets(image_bucket_size))
         self.register_buffer(
             "image_position_idx", positions.decoder_image_position_ids(code_image_size // 8, image_bucket_size)
         )

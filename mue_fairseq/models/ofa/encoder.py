@@ -66,11 +66,8 @@ class OFAEncoder(FairseqEncoder):
         self.image_proj = nn.Linear(OUTPUT_CHANNELS, dim)
         self.patch_layernorm_embedding = LayerNorm(dim) if patch_layernorm_embedding else None
 
-        self.embed_positions = nn.Embedding(max_source_positions + 2, dim)
-        self.embed_image_positions = nn.Embedding(image_bucket_size**2 + 1, dim)
-        self.pos_ln = LayerNorm(dim)
-        self.image_pos_ln = LayerNorm(dim)
-        self.pos_scaling = float(dim / layer_cfg.num_heads * layer_cfg.attn_scale_factor) ** -0.5
+        positions.add_position_tables(self, dim, layer_cfg.num_heads, num_layers, max_source_positions,
+                                      token_bucket_size, image_bucket_size, layer_cfg.attn_scale_factor)
         self.pos_q_linear = nn.Linear(dim, dim)
         self.pos_k_linear = nn.Linear(dim, dim)
 
@@ -81,14 +78,6 @@ class OFAEncoder(FairseqEncoder):
         self.num_layers = num_layers
         self.layer_norm = LayerNorm(dim) if layer_cfg.normalize_before else None
 
-        self.token_rel_pos_table_list = nn.ModuleList(
-            [nn.Embedding(2 * token_bucket_size - 1, self.num_heads) for _ in range(num_layers)]
-        )
-        self.image_rel_pos_table_list = nn.ModuleList(
-            [nn.Embedding(positions.num_image_buckets(image_bucket_size), self.num_heads) for _ in range(num_layers)]
-        )
-        self.register_buffer("token_rp_bucket", positions.token_relative_buckets(token_bucket_size, 1024))
-        self.register_buffer("image_rp_bucket", positions.image_relative_buckets(image_bucket_size))
         # (image, text) similarity thresholds; set through OFAModel.set_exit_config
         self.exit_thresholds: Optional[tuple] = None
         # optional callback (stream name, layer, sample rows, similarities) for analysis

@@ -7,6 +7,8 @@ their values must be exactly the original's, so the arithmetic below keeps OFA's
 import math
 
 import torch
+from fairseq.modules import LayerNorm
+from torch import nn
 
 
 def token_relative_buckets(bucket_size: int, max_position: int) -> torch.LongTensor:
@@ -63,3 +65,24 @@ def decoder_image_position_ids(window: int, bucket_size: int) -> torch.LongTenso
     `window x window` grid, then 769 entries of 1024. Kept for state-dict compatibility."""
     grid = image_position_ids(window, window, bucket_size)
     return torch.cat([torch.tensor([0]), grid, torch.full((769,), 1024)])
+
+
+def add_position_tables(module: nn.Module, dim: int, num_heads: int, num_layers: int, max_positions: int,
+                        token_bucket_size: int, image_bucket_size: int, attn_scale_factor: float) -> None:
+    """Give an OFA encoder/decoder its position parameters and buffers, under OFA's names:
+    absolute text/image position embeddings with their layer norms, the query scaling of the
+    position bias, per-layer text/image relative-position tables and the bucket buffers."""
+    module.embed_positions = nn.Embedding(max_positions + 2, dim)
+    module.embed_image_positions = nn.Embedding(image_bucket_size**2 + 1, dim)
+    module.pos_ln = LayerNorm(dim)
+    module.image_pos_ln = LayerNorm(dim)
+    module.pos_scaling = float(dim / num_heads * attn_scale_factor) ** -0.5
+    module.token_rel_pos_table_list = nn.ModuleList(
+        [nn.Embedding(2 * token_bucket_size - 1, num_heads) for _ in range(num_layers)]
+    )
+    module.image_rel_pos_table_list = nn.ModuleList(
+        [nn.Embedding(num_image_buckets(image_bucket_size), num_heads) for _ in range(num_layers)]
+    )
+    # OFA builds the text buckets for 1024 positions whatever --max-*-positions says
+    module.register_buffer("token_rp_bucket", token_relative_buckets(token_bucket_size, 1024))
+    module.register_buffer("image_rp_bucket", image_relative_buckets(image_bucket_size))
