@@ -19,7 +19,7 @@ from mue_fairseq.data import TSVReader, build_bpe, build_ofa_dictionary
 from mue_fairseq.data.base import OFAImageTextDataset
 from mue_fairseq.exits.accounting import ExitRecord, ExitStats
 from mue_fairseq.exits.config import ExitConfig
-from mue_fairseq.generation.exit_generator import ExitAwareSequenceGenerator
+from mue_fairseq.generation.exit_generator import ExitAwareSequenceGenerator, sample_ids
 
 logger = logging.getLogger(__name__)
 
@@ -292,21 +292,6 @@ def new_exit_stats(model) -> ExitStats:
     )
 
 
-def record_ids(ids, count: int) -> List[Optional[int]]:
-    """Sample ids for :class:`ExitRecord` (ints): the batch's ``id`` column where numeric,
-    else None."""
-    if ids is None:
-        return [None] * count
-    values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-    out = []
-    for v in values:
-        try:
-            out.append(int(v))
-        except (TypeError, ValueError):
-            out.append(None)
-    return out
-
-
 def add_exit_records(
     stats: ExitStats,
     encoder_out: Dict[str, List[torch.Tensor]],
@@ -326,7 +311,7 @@ def add_exit_records(
     image_exit = encoder_out["image_exit_layer"][0].tolist() if encoder_out.get("image_exit_layer") else full
     text_exit = encoder_out["text_exit_layer"][0].tolist() if encoder_out.get("text_exit_layer") else full
     n_dec = stats.num_decoder_layers
-    for i, sample_id in enumerate(record_ids(ids, bsz)):
+    for i, sample_id in enumerate(sample_ids(ids, bsz)):
         layers = [int(k) for k in decoder_layers[i]]
         stats.add(ExitRecord(
             image_exit_layer=int(image_exit[i]), text_exit_layer=int(text_exit[i]),

@@ -131,7 +131,8 @@ def wheel(repo_root, tmp_path_factory):
     return path
 
 
-def test_wheel_installs_only_under_mue_fairseq(wheel, repo_root):
+def test_wheel_installs_only_under_mue_fairseq(wheel):
+    sources = os.path.join(os.path.dirname(os.path.dirname(wheel)), "src")  # what was built
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         dist_info = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
@@ -144,8 +145,8 @@ def test_wheel_installs_only_under_mue_fairseq(wheel, repo_root):
     assert not any(n.startswith(("tasks/", "criterions/")) for n in names)
     # every Python file of the three source folders ships, at its namespaced place
     for folder, target in MAPPED.items():
-        for path in glob.glob(os.path.join(repo_root, folder, "**", "*.py"), recursive=True):
-            rel = os.path.relpath(path, os.path.join(repo_root, folder)).replace(os.sep, "/")
+        for path in glob.glob(os.path.join(sources, folder, "**", "*.py"), recursive=True):
+            rel = os.path.relpath(path, os.path.join(sources, folder)).replace(os.sep, "/")
             assert f"{target}/{rel}" in names, f"{folder}/{rel} missing from the wheel"
     assert "mue_fairseq/tasks/__init__.py" in names
     assert "mue_fairseq/criterions/__init__.py" in names

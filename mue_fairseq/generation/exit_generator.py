@@ -21,6 +21,21 @@ from ..exits.config import ExitConfig
 SAMPLE_INDEX = "sample_index"  # rides along encoder_out so beam reorders keep it aligned
 
 
+def sample_ids(ids, count: int) -> List[Optional[int]]:
+    """Integer sample ids of a batch for the exit records: its ``id`` (a tensor, or OFA's
+    array of id strings) where numeric, else None; ``range(count)`` without ids."""
+    if ids is None:
+        return list(range(count))
+    values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    out: List[Optional[int]] = []
+    for v in values:
+        try:
+            out.append(int(v))
+        except (TypeError, ValueError):
+            out.append(None)
+    return out
+
+
 class _TrackingEnsemble(EnsembleModel):
     """Adds each row's sample index to the encoder output, and remembers encoder exit info."""
 
@@ -94,8 +109,7 @@ class ExitAwareSequenceGenerator(SequenceGenerator):
             for row, layer in zip(rows, layers):
                 per_sample[row].append(layer)
         n_dec = self.stats.num_decoder_layers
-        ids = sample.get("id")
-        ids = ids.tolist() if torch.is_tensor(ids) else list(range(bsz))
+        ids = sample_ids(sample.get("id"), bsz)
         for i in range(bsz):
             self.stats.add(ExitRecord(
                 image_exit_layer=image_exit[i], text_exit_layer=text_exit[i],
