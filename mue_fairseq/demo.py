@@ -35,8 +35,8 @@ SIZES = {
     "default": dict(
         data=dict(ve_train=1500, ve_valid=60, ve_test=150, ve_test_heldout=30,
                   caption_train_images=200, caption_eval_images=40, refs_per_image=5),
-        ve=dict(max_update=150, batch_size=16, stop_hours=6 / 60),
-        caption=dict(max_update=120, batch_size=16, stop_hours=6 / 60),
+        ve=dict(max_update=150, batch_size=16, stop_hours=5 / 60),
+        caption=dict(max_update=120, batch_size=16, stop_hours=5 / 60),
         eval_n=dict(snli_ve=150, caption=40),
         sweep=dict(snli_ve=[0.8, 0.9, 0.95, 0.99], caption=[0.9, 0.95, 0.99]),
     ),
@@ -162,7 +162,10 @@ def evaluate(model, task, task_name: str, exit_kw: dict, n: int, record_similari
     kw = dict(beam_size=1, max_len_b=4 if task_name == "snli_ve" else 16, min_len=1)
     if task_name == "snli_ve":
         trie = task.constraint_trie
-        kw["prefix_allowed_tokens_fn"] = lambda b, toks: trie.next_tokens(toks.tolist())
+        from fairseq import search
+
+        kw["search_strategy"] = search.PrefixConstrainedBeamSearch(
+            task.tgt_dict, lambda b, toks: trie.next_tokens(toks.tolist()))
     else:
         kw["no_repeat_ngram_size"] = 3
     gen = ExitAwareSequenceGenerator([model], task.tgt_dict, exit_cfg=exit_cfg, **kw)
@@ -279,7 +282,11 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="snli_ve,caption")
     args = p.parse_args(argv)
 
+    import logging
+
     import mue_fairseq  # noqa: F401  (registrations, safe checkpoint loading)
+
+    logging.getLogger("PIL").setLevel(logging.WARNING)
     from mue_fairseq.reporting import (fill_wallclock_reductions, format_terminal_summary,
                                        plot_tradeoff, write_table)
 

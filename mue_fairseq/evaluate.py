@@ -157,6 +157,7 @@ def main(cfg, **unused) -> Optional[Dict[str, Any]]:
     from mue_fairseq.tasks.ofa_task import new_exit_stats
 
     utils.import_user_module(cfg.common)
+    utils.reset_logging()
     if cfg.dataset.max_tokens is None and cfg.dataset.batch_size is None:
         raise ValueError("set --batch-size (OFA tasks batch by sentences)")
     if cfg.common.seed is not None and not cfg.generation.no_seed_provided:
@@ -293,12 +294,6 @@ def cli_main(argv: Optional[List[str]] = None) -> None:
 
     from mue_fairseq.data.errors import DataError
 
-    logging.basicConfig(
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        level=os.environ.get("LOGLEVEL", "INFO").upper(),
-        stream=sys.stdout,
-    )
     parser = options.get_generation_parser()
     args = options.parse_args_and_arch(parser, input_args=argv)
     cfg = convert_namespace_to_omegaconf(args)

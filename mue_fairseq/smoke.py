@@ -5,17 +5,19 @@ build the `ofa_demo` model (random weights), and caption a few images with MuE e
     python -m mue_fairseq.smoke [--out .cache/smoke]
 """
 import argparse
+import logging
 import os
 
 import torch
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from .exits.config import ExitConfig
+from .data import decode_tokens
 from .procedural.build import BuildConfig, build
 
 
 def main(argv=None):
+    logging.getLogger().setLevel(logging.WARNING)  # fairseq's import leaves the root logger at DEBUG
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(".cache", "smoke"))
     args = parser.parse_args(argv)
@@ -44,7 +46,7 @@ def main(argv=None):
     sample = dataset.collater([dataset[i] for i in range(min(4, len(dataset)))])
     hypos = task.inference_step(generator, [model], sample)
     for i, hyp in enumerate(hypos):
-        text = task.bpe.decode(task.tgt_dict.string(hyp[0]["tokens"], extra_symbols_to_ignore={0, 2}))
+        text = decode_tokens(hyp[0]["tokens"], task.bpe, task.tgt_dict)
         print(f"sample {int(i)}: {text!r} (random weights)")
     stats = getattr(generator, "stats", None)
     if stats is None:
