@@ -49,8 +49,7 @@ setup(
         # setuptools: tests build the wheel offline (--no-build-isolation).
         "test": ["pytest", "setuptools>=70.1"],
     },
-    # Console scripts come later, e.g.:
-    # entry_points={"console_scripts": ["mue-smoke = mue_fairseq.smoke:main"]},
+    entry_points={"console_scripts": ["mue-evaluate = mue_fairseq.evaluate:cli_main"]},
     classifiers=[
         "Programming Language :: Python :: 3.11",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -107,6 +107,7 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY  # noqa: E4
 import mue_fairseq  # noqa: E402,F401  (registers the model)
 from mue_fairseq.exits import ExitConfig, ExitRecord, ExitStats, masked_mean_cosine, token_cosine  # noqa: E402
 from mue_fairseq.testing import deterministic_fill_  # noqa: E402
+import mue_fairseq.models.ofa.encoder as ofa_encoder_module  # noqa: E402
 
 # the flags of OFA's released checkpoints / run scripts (widths and depths come from the arch)
 RELEASED_FLAGS = dict(
@@ -264,6 +265,21 @@ def micro(fn, repeats: int = 30, inner: int = 5):
     return tmed(ts)
 
 
+class CallTimer:
+    """Wraps a function and sums the (wall, cpu) time of its calls (in-situ timing)."""
+
+    def __init__(self, fn):
+        self.fn, self.total, self.calls = fn, (0.0, 0.0), 0
+
+    def __call__(self, *a, **kw):
+        t0 = now()
+        out = self.fn(*a, **kw)
+        d = since(t0)
+        self.total = (self.total[0] + d[0], self.total[1] + d[1])
+        self.calls += 1
+        return out
+
+
 def pick_threshold(sims, target_layer: float, num_layers: int):
     """sims: (items, num_layers) similarities of full-depth runs. Returns the threshold (a
     midpoint between observed values, or 1.0) whose mean exit layer is closest to target_layer."""
@@ -367,17 +383,27 @@ class EncoderBench:
             # per-layer times (hooked runs); per unit the calls come as image L1..LN, text L1..LN
             timer = LayerTimer({i: layer for i, layer in enumerate(self.enc.layers)})
             hooked = {k: [] for k in thr}
+            sim_in_situ = []
             for r in range(hook_repeats):
                 for name, t in (thr.items() if r % 2 == 0 else list(thr.items())[::-1]):
                     self.set_thresholds(t)
+                    if name == "never":  # time the similarity (Eqs. 8-9) where the encoder calls it
+                        ofa_encoder_module.masked_mean_cosine = sim_timer = CallTimer(masked_mean_cosine)
                     per_unit = []
-                    for u in units:
-                        t0 = now()
-                        self.run(u)
-                        per_unit.append((since(t0), timer.take()))
+                    try:
+                        for u in units:
+                            t0 = now()
+                            self.run(u)
+                            per_unit.append((since(t0), timer.take()))
+                    finally:
+                        ofa_encoder_module.masked_mean_cosine = masked_mean_cosine
                     hooked[name].append(per_unit)
+                    if name == "never":
+                        sim_in_situ.append(sim_timer.total)
             timer.remove()
             direct = self.direct_overhead(units)
+            direct["similarity"] = tmed(sim_in_situ)
+            direct["decision"] = tsum([direct[k] for k in ("similarity", "compare_any", "gathers")])
         self.set_thresholds(None)
         return self.report(batch, units, settings, thr, exits, img_tok, txt_tok, times, hooked, direct)
 
@@ -459,7 +485,7 @@ class EncoderBench:
         hooks = [layer.register_forward_hook(lambda m, a, o: captured.append((a[0], o)))
                  for layer in self.enc.layers]
         self.set_thresholds((1.0, 1.0))
-        totals = {k: (0.0, 0.0) for k in ("similarity", "gathers", "compaction")}
+        totals = {k: (0.0, 0.0) for k in ("compare_any", "gathers", "compaction")}
 
         def add(key, t):
             totals[key] = (totals[key][0] + t[0], totals[key][1] + t[1])
@@ -475,9 +501,10 @@ class EncoderBench:
                 bias = torch.randn(bsz, self.enc.num_heads, length, length)
                 active = torch.arange(bsz)
 
-                def sim():  # Eqs. 8-9 and the decision
-                    s = masked_mean_cosine(h_in.transpose(0, 1), h_out.transpose(0, 1), pad)
-                    return bool((s > 1.0).any())
+                sims = torch.rand(bsz)
+
+                def compare_any():  # exits = similarity > threshold; bool(exits.any())
+                    return bool((sims > 1.0).any())
 
                 def gathers():  # rows_pad = pad[active]; bias[active] (vs. the batch's own tensors)
                     return pad[active], bias[active]
@@ -493,13 +520,12 @@ class EncoderBench:
                     exit_layer[done] = 1
                     return active[~exits], h_out[:, ~exits]
 
-                add("similarity", micro(sim))
+                add("compare_any", micro(compare_any))
                 add("gathers", micro(gathers))
                 add("compaction", micro(compaction))
         for h in hooks:
             h.remove()
         self.set_thresholds(None)
-        totals["decision"] = tsum([totals["similarity"], totals["gathers"]])
         return totals
 
 
@@ -600,6 +626,7 @@ class DecoderBench:
                 mods[("v", i)] = layer.self_attn.v_proj
             timer = LayerTimer(mods)
             hooked = {k: [] for k in thr}
+            sim_in_situ = []
 
             def switch(on):  # record the timed steps only
                 if on:
@@ -608,11 +635,21 @@ class DecoderBench:
 
             for r in range(hook_repeats):
                 for name, p in (policies.items() if r % 2 == 0 else list(policies.items())[::-1]):
-                    total, _, _ = self.decode(unit, p, on_timed=switch)
+                    if name == "never":  # time the policy's decision (cosine + threshold) in situ
+                        p.decide = sim_timer = CallTimer(p.decide)
+                    try:
+                        total, _, _ = self.decode(unit, p, on_timed=switch)
+                    finally:
+                        p.__dict__.pop("decide", None) if p is not None else None
                     hooked[name].append((total, timer.take()))
                     timer.enabled = True
+                    if name == "never":
+                        sim_in_situ.append(sim_timer.total)
             timer.remove()
-            direct = self.direct_overhead(unit)
+            direct = self.direct_overhead(unit)  # per step
+            direct["similarity"] = tuple(x / (unit.tokens.size(1) - 1) for x in tmed(sim_in_situ))  # per step
+            direct["decision"] = tsum([direct[k] for k in
+                                       ("similarity", "compare_any", "gathers", "cache_gathers", "duplicate_ln")])
         return self.report(batch, rows, settings, thr, exits, times, hooked, direct)
 
     def per_step_layer(self, hooked_full, steps, c):
@@ -710,7 +747,7 @@ class DecoderBench:
         active = torch.arange(rows)
         exits_half = torch.zeros(rows, dtype=torch.bool)
         exits_half[::2] = True
-        keys = ("similarity", "gathers", "cache_gathers", "duplicate_ln", "compaction")
+        keys = ("compare_any", "gathers", "cache_gathers", "duplicate_ln", "compaction")
         totals = {k: (0.0, 0.0) for k in keys}
 
         def add(key, t):
@@ -723,8 +760,10 @@ class DecoderBench:
             h_out = h_in + 0.1 * torch.randn_like(h_in)
             cross_bias = torch.randn(rows, self.dec.num_heads, 1, src_len)
 
-            def sim():  # SimilarityPolicy.decide and the exits.any() of the step loop
-                return bool((token_cosine(h_in[0], h_out[0]) > 1.0).any())
+            sims = torch.rand(rows)
+
+            def compare_any():  # bool(exits.any()) of the step loop
+                return bool((sims > 1.0).any())
 
             def gathers():  # rows_enc_pad, rows_cross of _forward_step_with_exits
                 return enc_pad.index_select(0, active), cross_bias.index_select(0, active)
@@ -749,12 +788,11 @@ class DecoderBench:
                 return li_.index_copy(1, act, o)
 
             if li + 1 < self.N:  # no decision after the last layer
-                add("similarity", micro(sim))
+                add("compare_any", micro(compare_any))
             add("gathers", micro(gathers))
             add("cache_gathers", micro(cache_gathers, repeats=15, inner=2))
             add("duplicate_ln", micro(duplicate_ln))
             add("compaction", micro(compaction))
-        totals["decision"] = tsum([totals[k] for k in ("similarity", "gathers", "cache_gathers", "duplicate_ln")])
         return totals
 
 

@@ -154,7 +154,8 @@ class ScstRewardCriterion(FairseqCriterion):
             if inner_training is not None:
                 inner.eval()
             with torch.no_grad():
-                gen_out = generator.generate([model], sample)
+                # OFA's generator starts from BOS; fairseq's starts from EOS unless told
+                gen_out = generator.generate([model], sample, bos_token=self.task.target_dictionary.bos())
         finally:
             if inner_training is not None:
                 inner.train(inner_training)

@@ -274,12 +274,14 @@ def main(cfg, **unused) -> Optional[Dict[str, Any]]:
             json.dump(results, f)
         with open(os.path.join(results_path, f"{subset}_metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
-        if stats is not None:
-            stats_path = task.exit_cfg.exit_stats_path or os.path.join(results_path, f"{subset}_exit_stats.json")
-            stats.to_json(stats_path)
-        logger.info("wrote %s/%s_{predict,metrics,exit_stats}.json", results_path, subset)
+        logger.info("wrote %s/%s_predict.json and %s_metrics.json", results_path, subset, subset)
     else:
-        logger.warning("no --results-path: predictions and statistics are not written")
+        logger.warning("no --results-path: predictions and metrics are not written")
+    stats_path = task.exit_cfg.stats_path(results_path, subset)
+    if stats is not None and stats_path:
+        os.makedirs(os.path.dirname(os.path.abspath(stats_path)), exist_ok=True)
+        stats.to_json(stats_path)
+        logger.info("wrote exit statistics to %s", stats_path)
     if stats is not None:
         print(stats.format_summary())
     print(f"| {subset}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))

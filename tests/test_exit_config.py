@@ -97,7 +97,7 @@ def test_cli_options_and_from_cfg(task_cls):
     assert cfg.encoder_exit and cfg.decoder_threshold_decay
     assert cfg.policy_name == "similarity" and cfg.decay_tau == 2.0
     assert cfg.stats_path("/res") == "/tmp/x.json"
-    assert ExitConfig().stats_path("/res", "valid") == "/res/exit-stats-valid.json"
+    assert ExitConfig().stats_path("/res", "valid") == "/res/valid_exit_stats.json"
     assert ExitConfig().stats_path(None) is None
 
 

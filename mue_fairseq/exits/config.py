@@ -105,7 +105,7 @@ class ExitConfig(FairseqDataclass):
         default=None,
         metadata={
             "help": "where to write the exit statistics JSON (default: "
-            "exit-stats-<subset>.json next to the generation results, i.e. in --results-path)"
+            "<subset>_exit_stats.json next to the predictions, i.e. in --results-path)"
         },
     )
 
@@ -146,11 +146,12 @@ class ExitConfig(FairseqDataclass):
 
     def stats_path(self, results_path: Optional[str], subset: str = "test") -> Optional[str]:
         """Where to write the exit statistics: ``--exit-stats-path`` if given, else
-        ``<results_path>/exit-stats-<subset>.json``; None when neither is known."""
+        ``<results_path>/<subset>_exit_stats.json`` (beside OFA's ``<subset>_predict.json``);
+        None when neither is known."""
         if self.exit_stats_path:
             return self.exit_stats_path
         if results_path:
-            return os.path.join(results_path, f"exit-stats-{subset}.json")
+            return os.path.join(results_path, f"{subset}_exit_stats.json")
         return None
 
     def validate(
