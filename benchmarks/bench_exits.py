@@ -236,7 +236,16 @@ class LayerTimer:
             h.remove()
 
 
-def round_robin(fns: dict, repeats: int, warmup: int = 1):
+def plan_repeats(round_seconds: float, budget: "Budget"):
+    """(timed repeats, hooked repeats) for a cell whose settings take round_seconds together:
+    as many as fit in budget.seconds, within [budget.min_repeats, budget.max_repeats]."""
+    fit = int(budget.seconds / max(round_seconds, 1e-6))
+    repeats = max(budget.min_repeats, min(budget.max_repeats, fit))
+    hooks = max(1, min(budget.hook_repeats, fit - repeats))
+    return repeats, hooks
+
+
+def round_robin(fns: dict, repeats: int, warmup: int = 0):
     """Durations of several settings, interleaved (order alternates per round). Each fn returns
     its own (wall, cpu) duration, or None to have the whole call timed."""
     for fn in fns.values():
@@ -354,7 +363,7 @@ class EncoderBench:
                                                     calibrated_mean_layers=tuple(p[1] for p in picked))
         return settings, {s: sims[s].tolist() for s in STREAMS}
 
-    def measure(self, batch, settings, repeats, hook_repeats):
+    def measure(self, batch, settings, budget):
         units = [self.prepared(r) for r in self.units(batch)]
         thr = {"full": None, "never": (1.0, 1.0), **{k: v["thresholds"] for k, v in settings.items()}}
 
@@ -366,8 +375,8 @@ class EncoderBench:
             return fn
 
         with torch.no_grad():
-            # exits (deterministic) and per-sample token counts
-            exits = {}
+            # warm-up run of every setting; it also gives the (deterministic) exits and token counts
+            exits, t0 = {}, time.perf_counter()
             for name, t in thr.items():
                 self.set_thresholds(t)
                 outs = [self.run(u) for u in units]
@@ -379,6 +388,7 @@ class EncoderBench:
                     valid = [(o["modality"][0], ~o["encoder_padding_mask"][0]) for o in outs]
                     img_tok = torch.cat([((m == 1) & v).sum(1) for m, v in valid])
                     txt_tok = torch.cat([((m == 0) & v).sum(1) for m, v in valid])
+            repeats, hook_repeats = plan_repeats(time.perf_counter() - t0, budget)
             times = round_robin({k: runner(t) for k, t in thr.items()}, repeats)
             # per-layer times (hooked runs); per unit the calls come as image L1..LN, text L1..LN
             timer = LayerTimer({i: layer for i, layer in enumerate(self.enc.layers)})
@@ -405,7 +415,9 @@ class EncoderBench:
             direct["similarity"] = tmed(sim_in_situ)
             direct["decision"] = tsum([direct[k] for k in ("similarity", "compare_any", "gathers")])
         self.set_thresholds(None)
-        return self.report(batch, units, settings, thr, exits, img_tok, txt_tok, times, hooked, direct)
+        out = self.report(batch, units, settings, thr, exits, img_tok, txt_tok, times, hooked, direct)
+        out.update(repeats=repeats, hook_repeats=hook_repeats)
+        return out
 
     def per_layer_full(self, hooked_full, n_units, c):
         """[unit][stream][layer] -> median seconds (clock c) of the layer call at full depth."""
@@ -541,13 +553,26 @@ class DecoderBench:
         self.tokens[:, 0] = d.bos()
 
     def unit(self, batch):
+        """Encoder output of the first `batch` samples expanded to `beam` rows each, the rows'
+        tokens, and the incremental state after the BOS step (run once, at full depth)."""
         eb = self.enc_bench
         eb.set_thresholds(None)
+        unit = SimpleNamespace(tokens=self.tokens[: batch * self.args.beam].contiguous())
         with torch.no_grad():
             enc_out = eb.run(eb.prepared(list(range(batch))))
             order = torch.arange(batch).repeat_interleave(self.args.beam)
-            enc_out = eb.enc.reorder_encoder_out(enc_out, order)
-        return SimpleNamespace(enc_out=enc_out, tokens=self.tokens[: batch * self.args.beam].contiguous())
+            unit.enc_out = eb.enc.reorder_encoder_out(enc_out, order)
+            self.dec.exit_policy = None
+            unit.prefilled = {}
+            self.dec(unit.tokens[:, :1], encoder_out=unit.enc_out, incremental_state=unit.prefilled)
+        return unit
+
+    @staticmethod
+    def after_bos(unit):
+        """A fresh copy of the incremental state after the BOS step. The caches' tensors are
+        shared: decoding never writes into them (appending builds new tensors), it only replaces
+        entries of the per-module dicts, which are copied here."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in unit.prefilled.items()}
 
     def policy(self, threshold):
         if threshold is None:
@@ -559,12 +584,10 @@ class DecoderBench:
         return policy
 
     def decode(self, unit, policy, on_timed=None, keep_state=False):
-        """Untimed full-depth BOS step, then timed steps. Returns ((wall, cpu) seconds of the timed
-        steps, [exit layers per step], the incremental state if asked)."""
+        """Timed steps 1..T from the state after the (full-depth) BOS step. Returns ((wall, cpu)
+        seconds, [exit layers per step], the incremental state if asked)."""
         dec = self.dec
-        inc = {}
-        dec.exit_policy = None
-        dec(unit.tokens[:, :1], encoder_out=unit.enc_out, incremental_state=inc)
+        inc = self.after_bos(unit)
         dec.exit_policy = policy
         if on_timed:
             on_timed(True)
@@ -607,17 +630,19 @@ class DecoderBench:
             settings[f"MuE@{int(f * 100)}%"] = dict(thresholds=t, calibrated_mean_layers=mean_layer)
         return settings, sims.tolist()
 
-    def measure(self, batch, settings, repeats, hook_repeats):
+    def measure(self, batch, settings, budget):
         unit = self.unit(batch)
         rows = unit.tokens.size(0)
         thr = {"full": None, "never": 1.0, **{k: v["thresholds"] for k, v in settings.items()}}
         policies = {k: self.policy(t) for k, t in thr.items()}
         with torch.no_grad():
-            exits = {}
+            # warm-up run of every setting; it also gives the (deterministic) exits
+            exits, t0 = {}, time.perf_counter()
             for name, p in policies.items():
                 _, layers, _ = self.decode(unit, p)
                 exits[name] = (torch.stack(layers) if p is not None
                                else torch.full((len(layers), rows), self.N, dtype=torch.long))
+            repeats, hook_repeats = plan_repeats(time.perf_counter() - t0, budget)
             times = round_robin({k: (lambda p=p: self.decode(unit, p)[0]) for k, p in policies.items()}, repeats)
             mods = {}
             for i, layer in enumerate(self.dec.layers):
@@ -650,7 +675,9 @@ class DecoderBench:
             direct["similarity"] = tuple(x / (unit.tokens.size(1) - 1) for x in tmed(sim_in_situ))  # per step
             direct["decision"] = tsum([direct[k] for k in
                                        ("similarity", "compare_any", "gathers", "cache_gathers", "duplicate_ln")])
-        return self.report(batch, rows, settings, thr, exits, times, hooked, direct)
+        out = self.report(batch, rows, settings, thr, exits, times, hooked, direct)
+        out.update(repeats=repeats, hook_repeats=hook_repeats)
+        return out
 
     def per_step_layer(self, hooked_full, steps, c):
         """Full depth: [step][layer] median seconds (clock c) of the layer call and of its
@@ -790,7 +817,7 @@ class DecoderBench:
             if li + 1 < self.N:  # no decision after the last layer
                 add("compare_any", micro(compare_any))
             add("gathers", micro(gathers))
-            add("cache_gathers", micro(cache_gathers, repeats=15, inner=2))
+            add("cache_gathers", micro(cache_gathers, repeats=7, inner=1))
             add("duplicate_ln", micro(duplicate_ln))
             add("compaction", micro(compaction))
         return totals
@@ -817,7 +844,7 @@ def markdown(results, meta):
     lines = [
         f"MuE exit benchmark: torch {meta['torch']}, {meta['threads']} thread(s), image {meta['image_size']} px, "
         f"text <= {meta['text_len']} tokens, decoder {meta['steps']} timed steps x beam {meta['beam']}; "
-        f"medians of {meta['repeats']} runs (per-layer hooks: {meta['hook_repeats']}); load average at the end "
+        f"medians of the runs given per cell below (at least {meta['budget']['min_repeats']}); load average at the end "
         f"{', '.join(f'{x:.1f}' for x in meta['load_average'] or [])}.",
         "",
         "| arch | part | B | setting | threshold(s) | mean exit | ETR | CWR | t full ms | t ms "
@@ -849,16 +876,16 @@ def markdown(results, meta):
         "",
         "Exit decision overhead, as a fraction of the summed layer time at full depth (target < 2%):",
         "",
-        "| arch | part | B | rows | layer ms (wall/cpu) | direct (wall/cpu) | similarity | row gathers "
+        "| arch | part | B | rows | runs (hooked) | layer ms (wall/cpu) | direct (wall/cpu) | similarity | row gathers "
         "| cache gathers | dup. LN | diff never-full (wall/cpu) | compaction |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ow, oc = r["overhead"]["wall"], r["overhead"]["cpu"]
         flag = " ✗" if oc["direct"] >= OVERHEAD_TARGET else ""
         parts = oc["parts"]
         lines.append(
-            f"| {r['arch']} | {r['part']} | {r['batch']} | {r['rows']} "
+            f"| {r['arch']} | {r['part']} | {r['batch']} | {r['rows']} | {r['repeats']} ({r['hook_repeats']}) "
             f"| {r['layer_sum_full_ms']['wall']:.1f}/{r['layer_sum_full_ms']['cpu']:.1f} "
             f"| {pct(ow['direct'], 2)}/{pct(oc['direct'], 2)}{flag} | {pct(parts['similarity'], 2)} "
             f"| {pct(parts['gathers'], 2)} | {pct(parts.get('cache_gathers'), 2) if 'cache_gathers' in parts else '-'} "
@@ -887,8 +914,11 @@ def main(argv=None):
     p.add_argument("--out", help="write all figures as JSON here")
     p.add_argument("--archs", nargs="+", help="default: ofa_tiny ofa_base (quick: ofa_tiny)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
-    p.add_argument("--repeats", type=int, help="timed runs per setting (default 5, quick 3)")
-    p.add_argument("--hook-repeats", type=int, help="runs with per-layer hooks (default 2, quick 1)")
+    p.add_argument("--cell-budget", type=float,
+                   help="seconds of timed runs per (arch, part, batch): repeats are fitted to it "
+                        "(default 25, quick 6)")
+    p.add_argument("--repeats", type=int, help="fixed number of timed runs per setting (overrides --cell-budget)")
+    p.add_argument("--hook-repeats", type=int, help="most runs per setting with per-layer hooks (default 2, quick 1)")
     p.add_argument("--image-size", type=int, default=160, help="image side in px (patch grid side = px/16)")
     p.add_argument("--text-len", type=int, default=24, help="longest text (tokens); rows range over half to all of it")
     p.add_argument("--steps", type=int, default=16, help="timed decoder steps")
@@ -899,8 +929,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = p.parse_args(argv)
     archs = args.archs or (["ofa_tiny"] if args.quick else ["ofa_tiny", "ofa_base"])
-    repeats = args.repeats or (3 if args.quick else 5)
-    hook_repeats = args.hook_repeats or (1 if args.quick else 2)
+    budget = SimpleNamespace(
+        seconds=args.cell_budget or (6.0 if args.quick else 25.0),
+        min_repeats=args.repeats or 3, max_repeats=args.repeats or (7 if args.quick else 9),
+        hook_repeats=args.hook_repeats or (1 if args.quick else 2),
+    )
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     n_samples = max(max(args.batch_sizes), args.b1_samples)
@@ -922,20 +955,20 @@ def main(argv=None):
                                  encoder_similarities=enc_sims, decoder_similarities=dec_sims)
         for batch in args.batch_sizes:
             t1 = time.time()
-            r = enc.measure(batch, enc_settings, repeats, hook_repeats)
+            r = enc.measure(batch, enc_settings, budget)
             r["arch"] = arch
             results.append(r)
             log(f"[{arch}] encoder B={batch}: {time.time() - t1:.1f}s")
         for batch in args.batch_sizes:
             t1 = time.time()
-            r = dec.measure(batch, dec_settings, repeats, hook_repeats)
+            r = dec.measure(batch, dec_settings, budget)
             r["arch"] = arch
             results.append(r)
             log(f"[{arch}] decoder B={batch}: {time.time() - t1:.1f}s")
         del model, enc, dec
     meta = dict(torch=torch.__version__, python=platform.python_version(), threads=args.threads,
                 cpu_count=os.cpu_count(), image_size=args.image_size, text_len=args.text_len, steps=args.steps,
-                beam=args.beam, repeats=repeats, hook_repeats=hook_repeats, b1_samples=args.b1_samples,
+                beam=args.beam, budget=vars(budget), b1_samples=args.b1_samples,
                 vocab=args.vocab, archs=archs, depths=depths, seconds=time.time() - start,
                 targets=dict(ratio=RATIO_TARGET, overhead=OVERHEAD_TARGET),
                 load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)

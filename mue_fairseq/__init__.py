@@ -24,7 +24,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO_ROOT = os.path.dirname(_PACKAGE_DIR)
 
 # Subpackages that hold fairseq registrations, in import order.
-_REGISTERING_SUBPACKAGES = ("models", "tasks", "criterions")
+_REGISTERING_SUBPACKAGES = ("models", "optim", "tasks", "criterions")
 # Of those, the ones that sit outside the package in a source checkout.
 _SIBLING_FOLDERS = ("tasks", "criterions")
 

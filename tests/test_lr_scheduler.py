@@ -1,9 +1,7 @@
 """``--lr-scheduler polynomial_decay`` with OFA's ``--warmup-ratio`` (mue_fairseq.optim)."""
-from types import SimpleNamespace
-
 import pytest
-import torch
 from fairseq import options
+from fairseq.optim import FairseqOptimizer
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.optim.lr_scheduler import LR_SCHEDULER_DATACLASS_REGISTRY, LR_SCHEDULER_REGISTRY, build_lr_scheduler
 from fairseq.optim.lr_scheduler.polynomial_decay_schedule import PolynomialDecayLRSchedule as Stock
@@ -17,7 +15,7 @@ from mue_fairseq.optim.polynomial_decay_schedule import (
 )
 
 
-class _Optimizer:
+class _Optimizer(FairseqOptimizer):
     def __init__(self):
         self.lr = None
 

@@ -363,3 +363,39 @@ def test_incremental_candidate_scoring_equals_teacher_forcing(work, snli_run):
     exited = task.score_answers(model, sample)
     assert exited.shape == plain.shape and torch.isfinite(exited).all()
     assert model.decoder.exit_policy is None and model.encoder.exit_thresholds is None  # switched off again
+
+
+def test_task_generators_start_from_bos_and_follow_exit_options(work, caption_run):
+    from argparse import Namespace
+
+    from fairseq import checkpoint_utils, search
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from mue_fairseq.exits.config import ExitConfig
+    from mue_fairseq.generation.exit_generator import ExitAwareSequenceGenerator
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(caption_run["save"] / "checkpoint_last.pt")],
+        arg_overrides={"data": str(work / "cap_valid.tsv"), "bpe_dir": str(work / "bpe"),
+                       "selected_cols": "1,4,2", "eval_cider": False})
+    model = models[0].eval()
+    args = Namespace(beam=2, max_len_b=5)
+    plain = task.build_generator([model], args)
+    assert type(plain) is SequenceGenerator
+    task.load_dataset("test")
+    ds = task.dataset("test")
+    sample = ds.collater([ds[i] for i in range(2)])
+    hypos = task.inference_step(plain, [model], sample)
+    from_bos = plain.generate([model], sample, bos_token=task.tgt_dict.bos())
+    assert [h[0]["tokens"].tolist() for h in hypos] == [h[0]["tokens"].tolist() for h in from_bos]
+
+    task.exit_cfg = ExitConfig(decoder_exit_policy="similarity")
+    exiting = task.build_generator([model], args)
+    assert isinstance(exiting, ExitAwareSequenceGenerator) and exiting.exit_cfg is task.exit_cfg
+    task.inference_step(exiting, [model], sample)
+    assert exiting.stats.num_tokens > 0 and len(exiting.stats.records) == 2
+    assert [r.sample_id for r in exiting.stats.records] == [100, 101]
+
+    task.cfg.constraint_range = f"4,{len(task.tgt_dict)}"
+    constrained = task.build_generator([model], args, seq_gen_cls=SequenceGenerator)
+    assert isinstance(constrained.search, search.PrefixConstrainedBeamSearch)
