@@ -195,7 +195,7 @@ def evaluate(model, task, task_name: str, exit_kw: dict, n: int, record_similari
         acc = float(np.mean(hits)) if hits else 0.0
         name, value, metrics = "accuracy", acc, {"accuracy": acc}
     else:
-        from mue_fairseq.tasks.cider import CiderD
+        from mue_fairseq.cider import CiderD
 
         cider = float(CiderD(None).scores(hyps_all, refs_all).mean()) if hyps_all else 0.0
         name, value, metrics = "CIDEr", cider, {"CIDEr": cider}

@@ -15,7 +15,7 @@ from mue_fairseq.data import CaptionDataset, decode_tokens
 from mue_fairseq.data.caption import REFERENCE_SEPARATOR
 from mue_fairseq.data.text import strip_punctuation
 
-from .cider import CiderD
+from mue_fairseq.cider import CiderD
 from .ofa_task import OFAConfig, OFATask, sum_logs
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from helpers_data import caption_tsv, make_bpe_dir, snli_tsv
 from mue_fairseq.data import TSVReader, encode_text
 from mue_fairseq.tasks.caption import CaptionConfig, CaptionTask
-from mue_fairseq.tasks.cider import CiderD
+from mue_fairseq.cider import CiderD
 from mue_fairseq.tasks.ofa_task import OFAConfig
 from mue_fairseq.tasks.snli_ve import SnliVeConfig, SnliVeTask
 
