@@ -2,76 +2,91 @@
 
     python benchmarks/bench_exits.py [--quick] [--out results.json]
 
-``--quick`` (about a minute): ofa_tiny only, fewer repeats. Without it: ofa_tiny and ofa_base
-(about 5 minutes on 2 CPU cores). Both print a Markdown table and, with ``--out``, write
-every figure (per-repeat times, thresholds, exit histograms, per-layer times) as JSON.
+``--quick`` (under a minute): ofa_tiny only, shorter time budget. Without it: ofa_tiny and
+ofa_base (about 5 minutes on a 2-core machine). Both print two Markdown tables to stdout
+(progress goes to stderr) and, with ``--out``, write every figure (per-run times on both
+clocks, thresholds, exit histograms, per-layer times, calibration similarities) as JSON.
+``--help`` lists the knobs (archs, batch sizes, image size, steps, beam, time budget, threads).
 
-Models are built from the arch presets with OFA's released flags (normformer scaling, shared
+Models are built from the arch presets with OFA's released flags (NormFormer scaling, shared
 embeddings, ``--decompose-modalities``) and random weights (``deterministic_fill_``), so the
-exit thresholds below are *calibrated*, not the paper's: random weights give their own
-similarity distribution.
+exit thresholds are *calibrated* to hit a depth, not the paper's values: random weights give
+their own similarity distribution (and one that hardly differs between samples, so nearly all
+samples of a batch exit at the same layer).
 
-What is measured (torch.no_grad, eval mode, ``--threads`` intra-op threads, default 1)
-------------------------------------------------------------------------------------
-Encoder: ``model.encoder(src_tokens, src_lengths, patch_images=, patch_masks=)`` on a batch of
-B samples (image ``--image-size`` px, text of up to ``--text-len`` tokens, right-padded). The
-ResNet patch embedding does not depend on exiting: it is computed once per image and served
-from a cache (``encoder.embed_image`` is swapped for a lookup), so the timed part is the text
-embedding, position biases and the two (image, text) streams through the transformer layers.
-At B = 1 each of the first ``--b1-samples`` samples is run on its own and the times summed.
+What is timed (torch.no_grad, eval mode, ``--threads`` intra-op threads, default 1: on a shared
+2-core machine one thread is both faster and far less noisy than two)
+-----------------------------------------------------------------------------------------
+Encoder: ``model.encoder(src_tokens, src_lengths, patch_images=, patch_masks=)`` on B samples
+(image ``--image-size`` px = (px/16)^2 patches, text of up to ``--text-len`` tokens,
+right-padded). The ResNet patch embedding does not depend on exiting: it is computed once per
+image and served from a cache (``encoder.embed_image`` is swapped for a lookup), so the timed
+part is the text embedding, position biases and both streams (image, text) through the layers.
+At B = 1 each of the first ``--b1-samples`` samples runs on its own and the times are summed.
 
 Decoder: incremental steps ``model.decoder(tokens[:, :t], encoder_out=..., incremental_state=...)``
 over a fixed random token sequence, B x ``--beam`` rows (the encoder output expanded per beam
-row, as beam search does). Step 0 (BOS) runs untimed and at full depth in every setting: it
-also fills every layer's cross-attention key/value cache from the encoder output, a one-off
-cost that exiting does not change. Steps 1..``--steps`` are timed (incl. the output projection).
-With an exit policy the state propagation of exited rows (k/v projections of the layers they
-skip) is done, and timed, as in real generation.
+row, as beam search does). The BOS step runs once per batch, at full depth, and every timed
+decode starts from a copy of the state after it: that step fills every layer's cross-attention
+key/value cache from the encoder output, a one-off cost that exiting does not change. Steps
+1..``--steps`` are timed (incl. the output projection). With an exit policy the propagation of
+exited rows' states (k/v projections of the layers they skip) is done, and timed, as in real
+generation.
 
 Settings: ``full`` (no exit code: ``exit_thresholds``/``exit_policy`` None), ``never``
-(thresholds 1.0: every similarity is computed but nothing exits) and MuE at thresholds chosen
-so that the mean exit layer is about 75 %, 50 % and 25 % of the depth. Calibration: one run
-with thresholds 1.0 and the similarity observer records every (sample/row, layer) similarity;
-the exit layer for a threshold t is then the first layer < N whose similarity is > t (else N),
-and t is picked among midpoints of the observed values to bring the mean exit layer (image and
-text stream separately; decoder over all timed tokens) closest to the target. The reported exit
-layers are those of the real runs (for the decoder they can differ slightly from the
-calibration: propagated states change later tokens).
+(thresholds 1.0: every similarity is computed, nothing exits) and MuE at thresholds chosen so
+that the mean exit layer is about 75 %, 50 % and 25 % of the depth. Calibration: one run with
+thresholds 1.0 and the similarity observer records every (sample or row, layer) similarity; the
+exit layer for a threshold t is the first layer < N whose similarity is > t (else N), and t is
+the midpoint between observed values that brings the mean exit layer (image and text stream
+separately; decoder over all timed tokens) closest to the target. The exit layers reported are
+those of the real runs (decoder: they can differ a little from the calibration, as propagated
+states change later tokens).
+
+Timing: each setting runs once as warm-up (this run also gives its exits), then all settings
+run round-robin (order alternating) as often as ``--cell-budget`` seconds allow (at least 3),
+then once more (``--hook-repeats``) with forward hooks on the layer modules. Every duration is
+taken on two clocks: wall (perf_counter; the targets are about it) and cpu (the thread's CPU
+time: with one intra-op thread torch runs every op in this thread, so this leaves out time the
+OS gave to other processes). Figures are medians.
 
 Per setting:
 * ``ETR``: Eq. 14 restricted to the part measured: encoder ``1 - mean_samples(mean(n_img,
   n_txt)) / N_E`` (= 2 x ExitStats.expected_time_reduction() without decoder tokens), decoder
-  ``1 - sum(n_D) / (tokens * N_D)``.
-* ``CWR``: ExitStats.compute_weighted_reduction() with the other part left out (decoder: no
-  encoder tokens; encoder: no decoder tokens); counts the propagation k/v for the decoder.
-* ``meas``: measured wall-clock reduction ``1 - t_MuE / t_full``, medians over ``--repeats``
-  runs after one warm-up run per setting; settings run round-robin (alternating order) so that
-  load changes on a shared machine hit every setting alike.
-* ``ideal``: ``1 - t_ideal / t_full`` with ``t_ideal = t_full - sum over skipped (sample, layer)
-  of that layer's per-row time``. Per-layer times come from forward hooks on every layer module
-  in separate full-depth runs (median over ``--hook-repeats``); a layer call on R rows costs
-  t/R per row (the encoder: per stream, since image and text calls differ; the decoder: per
-  timed step). For the decoder the skipped part of a layer is its time *minus* its
-  self-attention k/v projections (hooks on ``k_proj``/``v_proj``), because MuE still computes
-  those for exited rows (state propagation); ``ideal_noprop`` subtracts the whole layer.
-* ``ratio`` = meas / ideal. Targets: >= 0.90 at B = 1, >= 0.75 at B = 16.
-* Gap analysis (JSON ``gap``; hooked MuE runs): ``layers_excess`` = time spent inside layer
-  calls minus the ideal (per-row time at full batch x rows actually run: the smaller-batch
-  inefficiency, plus the row gathers inside attention for the decoder), ``outside_excess`` =
-  time outside layer calls minus that of the full run (similarity, compaction, bias/mask
-  gathers, propagation for the decoder), both as fractions of t_full.
+  ``1 - sum(n_D) / (tokens * N_D)`` over all rows (beam hypotheses) and timed steps.
+* ``CWR``: ExitStats.compute_weighted_reduction() with the other part left out (decoder
+  records without encoder tokens, encoder records without decoder tokens); the decoder's
+  counts the propagation k/v projections.
+* ``meas``: measured reduction ``1 - t_MuE / t_full``.
+* ``ideal``: ``(t_full - t_ideal) / t_full`` with ``t_ideal = t_full - sum over skipped
+  (sample or row, layer) of that layer's per-row time``. Per-layer times: forward hooks on
+  every layer module in the hooked full-depth run(s), scaled by (median full time / hooked full
+  time) so that one busy moment cannot skew them; a layer call on R rows costs t/R per row
+  (encoder: per stream, image and text calls differ; decoder: per timed step). Decoder: the
+  skippable part of a layer is its time *minus* its self-attention k/v projections (hooks on
+  ``self_attn.k_proj``/``v_proj``), since MuE still computes those for exited rows (JSON
+  ``ideal_noprop`` subtracts the whole layer). Only layer-module calls count: per-layer work
+  outside them (the encoder's per-layer relative-position bias and its addition) is skipped
+  too by an early exit, which can push meas above ideal.
+* ``meas/ideal``. Targets: >= 0.90 at B = 1, >= 0.75 at B = 16.
+* JSON ``gap`` (hooked runs, scaled like the above): ``ideal - meas`` split into
+  ``layers_excess`` (time inside layer calls minus their ideal: smaller-batch inefficiency, and
+  for the decoder the k/v-cache gathers inside attention), ``outside_excess`` (outside layer
+  calls, vs the full run: similarity, compaction, mask/bias gathers) and, decoder,
+  ``kv_excess`` (self-attention k/v projections vs the full run).
 
-Exit decision overhead (per part and batch), as a fraction of the summed layer time at full depth:
-* ``ovh_diff`` = (t_never - t_full) / layer time, from the same round-robin medians (noisy:
-  a difference of two medians);
-* ``ovh_direct``: the decision code path's ops replayed on the real tensors of a full-depth run
-  and timed in isolation (many repeats, median): encoder - masked_mean_cosine, the threshold
-  compare and ``bool(.any())``, the per-layer row gathers of padding mask and bias; decoder -
-  token_cosine, compare and ``.any()``, the gathers of encoder padding mask and cross-attention
-  bias, the ``index_select`` of the self- and cross-attention key/value caches inside attention,
-  and the self-attention layer norm that the exit path computes twice. ``compaction`` (JSON)
-  is the extra cost of a layer at which half the rows exit (index bookkeeping and copies).
-  Target: < 2 %.
+Exit decision overhead (per arch, part, batch) as a fraction of the summed layer time at full
+depth (target < 2 %):
+* ``direct``: similarity timed in situ (``masked_mean_cosine`` as the encoder calls it, the
+  decoder policy's ``decide``, wrapped with a timer in the hooked ``never`` run) plus the other
+  ops of the decision path replayed on tensors of the real shapes (median of many calls): the
+  compare and ``bool(.any())``, the per-layer row gathers of masks and biases, and for the
+  decoder the ``index_select`` of the self- and cross-attention k/v caches that attention does
+  for the active rows and the second self-attention layer norm of the exit path;
+* ``diff``: (t_never - t_full) / layer time from the round-robin medians (all of the exit
+  path's extra cost in situ, but a difference of two noisy medians);
+* ``compaction`` (not in ``direct``): the extra cost of each layer at which half the rows exit
+  (index bookkeeping and copies), replayed.
 """
 import argparse
 import json
@@ -454,31 +469,37 @@ class EncoderBench:
         overhead, layer_ms, layer_sum_ms = {}, {}, {}
         for c, clock in enumerate(CLOCKS):
             med = {k: median([t[c] for t in v]) for k, v in times.items()}
-            layer_t = self.per_layer_full(hooked["full"], len(units), c)
+
+            def hooked_split(name):
+                """medians over hooked repeats of (total, inside layer calls, outside), and the
+                factor that scales them to the setting's median un-hooked time."""
+                tot = [sum(p[0][c] for p in rep) for rep in hooked[name]]
+                lay = [sum(t[c] for p in rep for _, _, t in p[1]) for rep in hooked[name]]
+                h = median(tot), median(lay), median([a - b for a, b in zip(tot, lay)])
+                return h, med[name] / h[0]
+
+            full_h, k_full = hooked_split("full")
+            # per-layer times of the hooked full-depth runs, scaled to the median full-depth time
+            # (the few hooked runs are otherwise at the mercy of a busy moment)
+            layer_t = [{s: [k_full * x for x in lt[s]] for s in STREAMS}
+                       for lt in self.per_layer_full(hooked["full"], len(units), c)]
             layer_sum_full = sum(sum(lt[s]) for lt in layer_t for s in STREAMS)
             row_t = []  # per sample: per-row layer time (its unit's call / rows)
             for u, lt in zip(units, layer_t):
                 for _ in u.rows:
                     row_t.append({s: [x / len(u.rows) for x in lt[s]] for s in STREAMS})
-
-            def hooked_split(name):
-                """medians over hooked repeats of (total, inside layer calls, outside)."""
-                tot = [sum(p[0][c] for p in rep) for rep in hooked[name]]
-                lay = [sum(t[c] for p in rep for _, _, t in p[1]) for rep in hooked[name]]
-                return median(tot), median(lay), median([a - b for a, b in zip(tot, lay)])
-
-            full_h = hooked_split("full")
             for name in names:
                 ex = exits[name]
                 skipped = sum(sum(row_t[i][s][int(ex[s][i]):]) for i in range(len(row_t)) for s in STREAMS)
                 t_full, t = med["full"], med[name]
                 meas, ideal = 1 - t / t_full, skipped / t_full
-                h = hooked_split(name)
+                h, k = hooked_split(name)
+                # gap (ideal - meas) = layers_excess + outside_excess
                 out_rows[name][clock] = dict(
                     t_ms=1e3 * t, t_full_ms=1e3 * t_full, times_ms=[1e3 * x[c] for x in times[name]],
                     measured=meas, ideal=ideal, ratio=(meas / ideal) if ideal > 1e-9 else None,
-                    gap=dict(layers_excess=(h[1] - (full_h[1] - skipped)) / full_h[0],
-                             outside_excess=(h[2] - full_h[2]) / full_h[0],
+                    gap=dict(layers_excess=(k * h[1] - (k_full * full_h[1] - skipped)) / t_full,
+                             outside_excess=(k * h[2] - k_full * full_h[2]) / t_full,
                              hooked_total_ms=1e3 * h[0], hooked_layers_ms=1e3 * h[1], hooked_outside_ms=1e3 * h[2]),
                 )
             overhead[clock] = dict(diff=(med["never"] - med["full"]) / layer_sum_full,
@@ -717,18 +738,22 @@ class DecoderBench:
         overhead, layer_ms, layer_sum_ms = {}, {}, {}
         for c, clock in enumerate(CLOCKS):
             med = {k: median([t[c] for t in v]) for k, v in times.items()}
-            lay, kv = self.per_step_layer(hooked["full"], steps, c)
-            layer_sum_full = sum(sum(r) for r in lay)
 
             def hooked_split(name):
-                """medians over hooked runs of (total, inside layer calls, self-attn k/v projections)."""
+                """medians over hooked runs of (total, inside layer calls, self-attn k/v
+                projections), and the factor that scales them to the median un-hooked time."""
                 tot = [h[0][c] for h in hooked[name]]
                 lay_t = [sum(t[c] for (kind, _), _, t in h[1] if kind == "layer") for h in hooked[name]]
                 kv_t = [sum(t[c] for (kind, _), _, t in h[1] if kind != "layer") for h in hooked[name]]
-                return median(tot), median(lay_t), median(kv_t)
+                h = median(tot), median(lay_t), median(kv_t)
+                return h, med[name] / h[0]
 
-            full_h = hooked_split("full")
-            full_outside = full_h[0] - full_h[1]
+            full_h, k_full = hooked_split("full")
+            lay, kv = self.per_step_layer(hooked["full"], steps, c)
+            lay = [[k_full * x for x in row] for row in lay]  # scaled to the median full-depth time
+            kv = [[k_full * x for x in row] for row in kv]
+            layer_sum_full = sum(sum(r) for r in lay)
+            full_outside = k_full * (full_h[0] - full_h[1])
             for name in names:
                 ex = exits[name]
                 skipped = skipped_noprop = 0.0
@@ -739,19 +764,21 @@ class DecoderBench:
                         skipped_noprop += share * lay[s][i]
                 t_full, t = med["full"], med[name]
                 meas, ideal = 1 - t / t_full, skipped / t_full
-                h = hooked_split(name)
+                h, k = hooked_split(name)
                 # a layer's cost = skippable part a (the layer minus its self-attention k/v) + the
                 # k/v part b. Full depth runs a + b inside layer calls; the exit path runs a inside
                 # the calls and b (all rows: active and propagated) outside them.
-                ideal_a = (full_h[1] - full_h[2]) - skipped
-                inside, kv_t = (h[1] - h[2], h[2]) if policies_none(name) else (h[1], h[2])
-                outside = h[0] - inside - kv_t
+                # gap (ideal - meas) = layers_excess + kv_excess + outside_excess
+                ideal_a = k_full * (full_h[1] - full_h[2]) - skipped
+                inside, kv_t = (k * (h[1] - h[2]), k * h[2]) if name == "full" else (k * h[1], k * h[2])
+                outside = t - inside - kv_t
                 out_rows[name][clock] = dict(
                     t_ms=1e3 * t, t_full_ms=1e3 * t_full, times_ms=[1e3 * x[c] for x in times[name]],
                     measured=meas, ideal=ideal, ideal_noprop=skipped_noprop / t_full,
                     ratio=(meas / ideal) if ideal > 1e-9 else None,
-                    gap=dict(layers_excess=(inside - ideal_a) / full_h[0], kv_excess=(kv_t - full_h[2]) / full_h[0],
-                             outside_excess=(outside - full_outside) / full_h[0],
+                    gap=dict(layers_excess=(inside - ideal_a) / t_full,
+                             kv_excess=(kv_t - k_full * full_h[2]) / t_full,
+                             outside_excess=(outside - full_outside) / t_full,
                              hooked_total_ms=1e3 * h[0], hooked_layers_ms=1e3 * h[1], hooked_kv_ms=1e3 * h[2]),
                 )
             overhead[clock] = dict(diff=(med["never"] - med["full"]) / layer_sum_full,
@@ -821,10 +848,6 @@ class DecoderBench:
             add("duplicate_ln", micro(duplicate_ln))
             add("compaction", micro(compaction))
         return totals
-
-
-def policies_none(name):
-    return name == "full"
 
 
 # ----------------------------------------------------------------------------- output
@@ -916,12 +939,12 @@ def main(argv=None):
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     p.add_argument("--cell-budget", type=float,
                    help="seconds of timed runs per (arch, part, batch): repeats are fitted to it "
-                        "(default 25, quick 6)")
+                        "(default 20, quick 6)")
     p.add_argument("--repeats", type=int, help="fixed number of timed runs per setting (overrides --cell-budget)")
     p.add_argument("--hook-repeats", type=int, help="most runs per setting with per-layer hooks (default 2, quick 1)")
     p.add_argument("--image-size", type=int, default=160, help="image side in px (patch grid side = px/16)")
     p.add_argument("--text-len", type=int, default=24, help="longest text (tokens); rows range over half to all of it")
-    p.add_argument("--steps", type=int, default=16, help="timed decoder steps")
+    p.add_argument("--steps", type=int, default=12, help="timed decoder steps")
     p.add_argument("--beam", type=int, default=5, help="decoder rows per sample")
     p.add_argument("--b1-samples", type=int, default=4, help="samples run one by one at batch 1 (encoder)")
     p.add_argument("--vocab", type=int, default=4000, help="dictionary size")
@@ -930,7 +953,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     archs = args.archs or (["ofa_tiny"] if args.quick else ["ofa_tiny", "ofa_base"])
     budget = SimpleNamespace(
-        seconds=args.cell_budget or (6.0 if args.quick else 25.0),
+        seconds=args.cell_budget or (6.0 if args.quick else 20.0),
         min_repeats=args.repeats or 3, max_repeats=args.repeats or (7 if args.quick else 9),
         hook_repeats=args.hook_repeats or (1 if args.quick else 2),
     )

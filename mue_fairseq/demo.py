@@ -1,53 +1,78 @@
-"""The main job: ``python -m mue_fairseq.demo``.
+"""The main job on the embedded procedural task: MuE end to end on a laptop CPU.
 
-On the embedded procedural task it
+    python -m mue_fairseq.demo [--work-dir demo_work] [--results results] [--full] [--force] [--tiny]
 
-1. generates the data (cached by :func:`mue_fairseq.procedural.build.build`),
-2. fine-tunes OFA (``ofa_demo``) with MuE (``--decompose-modalities`` + layer-wise loss) on
-   SNLI-VE and captioning through ``fairseq-train`` subprocesses (progress shown as fairseq's
-   ``--log-format simple``; each training run is capped by ``--stop-time-hours``),
-3. evaluates full depth, MuE at the paper's thresholds, a threshold sweep, and the decoder
-   baselines DeeBERT / PABEE / static depth, all on the same checkpoint (and, with
-   ``--shallow``, a 4+4-layer model trained the same way: the OFA-Tiny analogue),
-4. writes ``results/``: ``results.md``/``results.json`` (tables), ``tradeoff.png``,
-   ``similarity_<task>.png``, ``exits_<task>.png``, and prints a terminal summary.
+1. Generates the procedural SNLI-VE and caption data (OFA's TSV formats, its own BPE;
+   cached under ``--work-dir``).
+2. Fine-tunes ``ofa_demo`` (6 + 6 layers) with MuE — ``--decompose-modalities`` and the
+   layer-wise task loss — through ``fairseq-train --user-dir mue_fairseq`` (its progress is
+   shown), and a shallower 4 + 4 model trained the same way (the OFA-Tiny analogue).
+   ``--full`` adds the ablation "w/o layer-wise loss" (Table 4 analogue) and image-only /
+   text-only encoder exits (Table 2 analogue).
+3. Evaluates with ``mue_fairseq.evaluate`` on the test split: full depth, MuE at the paper's
+   thresholds, a MuE threshold sweep, and the DeeBERT / PABEE / static-depth decoder exits,
+   each a sweep so methods can be compared at equal ETR; and the held-out test set.
+4. Calibrates the three thresholds on the validation split (Learn-then-Test, see
+   ``mue_fairseq.calibration``) for a 1% accuracy / 2% CIDEr budget and reports them on test.
+5. Writes ``--results``: ``results.md`` / ``results.json`` (Table 1/3 analogues),
+   ``tradeoff.png`` (Fig. 1/4), ``similarity_<task>.png`` (Fig. 3), ``exits_<task>.png``
+   (exit-layer histograms), ``calibration.json``, ``run.json``; and prints a summary.
 
-A re-run reuses the cached data and checkpoints unless ``--force``. ``--tiny`` uses
-seconds-scale sizes (for the test).
+A re-run reuses the data, checkpoints and evaluations already made (``--force`` redoes them).
 """
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(PACKAGE_DIR)
+TASKS = ("snli_ve", "caption")
 
-MODEL_MUE = "mue (decomposition + layer-wise loss), 6+6"
-MODEL_SHALLOW = "shallower 4+4, trained the same way"
 
-# (name, BuildConfig kwargs, train settings, eval sizes, sweep)
-SIZES = {
-    "default": dict(
-        data=dict(ve_train=1500, ve_valid=60, ve_test=150, ve_test_heldout=30,
-                  caption_train_images=200, caption_eval_images=40, refs_per_image=5),
-        ve=dict(max_update=150, batch_size=16, stop_hours=5 / 60),
-        caption=dict(max_update=120, batch_size=16, stop_hours=5 / 60),
-        eval_n=dict(snli_ve=150, caption=40),
-        sweep=dict(snli_ve=[0.8, 0.9, 0.95, 0.99], caption=[0.9, 0.95, 0.99]),
+@dataclass
+class Plan:
+    """Sizes of one run (data, training, evaluation sweeps)."""
+    data: dict
+    updates: Dict[str, int]           # per task
+    batch_size: int = 16
+    lr: float = 5e-4
+    sweep_mue: Tuple[float, ...] = (0.99, 0.95, 0.9, 0.85)
+    sweep_deebert: Tuple[float, ...] = (0.05, 0.2, 0.5)
+    sweep_pabee: Tuple[int, ...] = (1, 2, 3)
+    sweep_static: Tuple[int, ...] = (2, 4)
+    calibration_path: Tuple[Tuple[float, float, float], ...] = (
+        (1.0, 1.0, 1.0), (0.99, 0.99, 0.99), (0.97, 0.97, 0.97), (0.95, 0.95, 0.95),
+        (0.9, 0.95, 0.95), (0.9, 0.9, 0.9), (0.85, 0.9, 0.9), (0.8, 0.85, 0.85))
+    budget: Dict[str, float] = field(default_factory=lambda: {"snli_ve": 0.01, "caption": 0.02})
+
+
+PLANS = {
+    "default": Plan(
+        data=dict(ve_train=9000, ve_valid=300, ve_test=300, ve_test_heldout=300, caption_train_images=800,
+                  caption_eval_images=80, refs_per_image=5),
+        updates={"snli_ve": 700, "caption": 500},
     ),
-    "tiny": dict(
-        data=dict(ve_train=48, ve_valid=8, ve_test=8, ve_test_heldout=3,
-                  caption_train_images=8, caption_eval_images=4, refs_per_image=2, vocab_size=300),
-        ve=dict(max_update=2, batch_size=8, stop_hours=0.02),
-        caption=dict(max_update=2, batch_size=8, stop_hours=0.02),
-        eval_n=dict(snli_ve=8, caption=4),
-        sweep=dict(snli_ve=[0.8], caption=[0.9]),
+    "tiny": Plan(
+        data=dict(ve_train=48, ve_valid=12, ve_test=8, ve_test_heldout=4, caption_train_images=8,
+                  caption_eval_images=4, refs_per_image=2, vocab_size=300),
+        updates={"snli_ve": 2, "caption": 2}, batch_size=8,
+        sweep_mue=(0.9,), sweep_deebert=(0.5,), sweep_pabee=(2,), sweep_static=(2,),
+        calibration_path=((1.0, 1.0, 1.0), (0.9, 0.9, 0.9)),
     ),
+}
+
+MODELS = {  # variant -> (table label, extra fairseq-train options)
+    "mue": ("MuE model: decomposition + layer-wise loss, 6+6", ["--decompose-modalities", "--layerwise-loss"]),
+    "shallow": ("shallower 4+4, trained the same way",
+                ["--decompose-modalities", "--layerwise-loss", "--encoder-layers", "4", "--decoder-layers", "4"]),
+    "no_layerwise": ("MuE w/o layer-wise loss, 6+6", ["--decompose-modalities"]),
 }
 
 
@@ -56,264 +81,288 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------- data
-def build_data(data_dir: str, size: dict, force: bool) -> dict:
-    from mue_fairseq.procedural.build import BuildConfig, build
+def task_files(task: str, data_dir: str) -> dict:
+    """Training data, evaluation files per split, and the options that read them."""
+    if task == "snli_ve":
+        d = os.path.join(data_dir, "snli_ve")
+        return dict(train=f"{d}/snli_ve_train.tsv,{d}/snli_ve_dev.tsv",
+                    splits={"valid": f"{d}/snli_ve_dev.tsv", "test": f"{d}/snli_ve_test.tsv",
+                            "test_heldout": f"{d}/snli_ve_test_heldout.tsv"},
+                    train_cols=["--selected-cols", "0,2,3,4,5"], eval_cols=["--selected-cols", "0,2,3,4,5"])
+    d = os.path.join(data_dir, "caption")
+    return dict(train=f"{d}/caption_stage1_train.tsv,{d}/caption_val.tsv",
+                splits={"valid": f"{d}/caption_val.tsv", "test": f"{d}/caption_test.tsv",
+                        "test_heldout": f"{d}/caption_test_heldout.tsv"},
+                train_cols=["--selected-cols", "0,4,2"], eval_cols=["--selected-cols", "1,4,2"])
 
-    t0 = time.time()
-    manifest = build(data_dir, BuildConfig(**size["data"]), force=force)
-    log(f"data in {data_dir} ({'cached' if manifest.get('cached') else f'built in {time.time() - t0:.0f}s'})")
-    return manifest
+
+COMMON = ["--patch-image-size", "96", "--code-dict-size", "8", "--num-bins", "8", "--cpu"]
 
 
 # ---------------------------------------------------------------------------- training
-def task_files(task: str, data_dir: str):
-    if task == "snli_ve":
-        d = os.path.join(data_dir, "snli_ve")
-        return (f"{d}/snli_ve_train.tsv,{d}/snli_ve_dev.tsv", f"{d}/snli_ve_test.tsv",
-                ["--selected-cols", "0,2,3,4,5"])
-    d = os.path.join(data_dir, "caption")
-    return (f"{d}/caption_stage1_train.tsv,{d}/caption_val.tsv", f"{d}/caption_test.tsv",
-            ["--selected-cols", "0,4,2", "--max-tgt-length", "20"])
-
-
-def train(task: str, data_dir: str, save_dir: str, tcfg: dict, force: bool,
-          extra: Optional[List[str]] = None) -> str:
+def train(task: str, variant: str, data_dir: str, work_dir: str, plan: Plan, force: bool) -> str:
+    save_dir = os.path.join(work_dir, f"ckpt_{task}_{variant}")
     ckpt = os.path.join(save_dir, "checkpoint_last.pt")
     if os.path.exists(ckpt) and not force:
-        log(f"{task}: reusing {ckpt}")
+        log(f"{task}/{variant}: reusing {ckpt}")
         return ckpt
-    if force and os.path.isdir(save_dir):
-        shutil.rmtree(save_dir)
-    data, _, cols = task_files(task, data_dir)
+    shutil.rmtree(save_dir, ignore_errors=True)
+    files = task_files(task, data_dir)
+    updates = plan.updates[task]
     cmd = [
-        sys.executable, "-m", "fairseq_cli.train", data, "--user-dir", PACKAGE_DIR,
-        "--task", task, "--arch", "ofa_demo", "--cpu", *cols,
-        "--bpe-dir", os.path.join(data_dir, "bpe"), "--ignore-unused-valid-subsets",
-        "--patch-image-size", "96", "--code-dict-size", "8", "--num-bins", "8",
-        "--max-src-length", "64", "--decompose-modalities",
-        "--criterion", "adjust_label_smoothed_cross_entropy", "--layerwise-loss",
-        "--label-smoothing", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9,0.999)",
-        "--lr", "1e-3", "--lr-scheduler", "polynomial_decay", "--warmup-updates", "5",
-        "--total-num-update", str(tcfg["max_update"]),
-        "--batch-size", str(tcfg["batch_size"]), "--batch-size-valid", str(tcfg["batch_size"]),
-        "--max-update", str(tcfg["max_update"]), "--max-epoch", "1000",
-        "--stop-time-hours", f"{tcfg['stop_hours']:.4f}",
-        "--disable-validation", "--no-epoch-checkpoints", "--save-interval-updates", "0",
-        "--log-format", "simple", "--log-interval", "5", "--num-workers", "0",
-        "--save-dir", save_dir, "--seed", "1", *(extra or []),
+        sys.executable, "-m", "fairseq_cli.train", files["train"], "--user-dir", PACKAGE_DIR,
+        "--task", task, "--arch", "ofa_demo", *files["train_cols"], *COMMON,
+        "--bpe-dir", os.path.join(data_dir, "bpe"), "--max-src-length", "64", "--max-tgt-length", "20",
+        "--criterion", "adjust_label_smoothed_cross_entropy",
+        "--label-smoothing", "0.0" if task == "snli_ve" else "0.1",
+        "--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--weight-decay", "0.01", "--clip-norm", "1.0",
+        "--lr", str(plan.lr), "--lr-scheduler", "polynomial_decay", "--warmup-ratio", "0.06",
+        "--max-update", str(updates), "--batch-size", str(plan.batch_size),
+        "--disable-validation", "--ignore-unused-valid-subsets", "--no-epoch-checkpoints",
+        "--log-format", "simple", "--log-interval", str(max(1, updates // 10)), "--num-workers", "0",
+        "--save-dir", save_dir, "--seed", "1", *MODELS[variant][1],
     ]
-    log(f"{task}: training -> {save_dir}")
+    log(f"{task}/{variant}: fairseq-train, {updates} updates -> {save_dir}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
     t0 = time.time()
     subprocess.run(cmd, check=True, env=env)
-    log(f"{task}: trained in {time.time() - t0:.0f}s")
-    if not os.path.exists(ckpt):
-        raise RuntimeError(f"fairseq-train wrote no {ckpt}")
+    log(f"{task}/{variant}: trained in {time.time() - t0:.0f}s")
     return ckpt
 
 
 # ---------------------------------------------------------------------------- evaluation
-def load(ckpt: str, task_name: str, data_dir: str):
-    from fairseq import checkpoint_utils
-
-    _, test, cols = task_files(task_name, data_dir)
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [ckpt], arg_overrides={"data": test, "bpe_dir": os.path.join(data_dir, "bpe")})
-    model = models[0].eval()
-    task.load_dataset("test")
-    return model, task
-
-
-def similarity_hooks(model):
-    """Forward hooks recording, per encoder/decoder layer, each sample's mean cosine similarity
-    of the layer's input and output (Fig. 3)."""
-    import torch
-
-    store: Dict[str, Dict[int, list]] = {"encoder": {}, "decoder": {}}
-    handles = []
-
-    def make(kind, i):
-        def hook(mod, inputs, output):
-            x = inputs[0]
-            y = output[0] if isinstance(output, (tuple, list)) else output
-            if not (torch.is_tensor(x) and torch.is_tensor(y)) or x.shape != y.shape:
-                return
-            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # (T, B)
-            store[kind].setdefault(i, []).extend(cos.mean(0).tolist())
-        return hook
-
-    for kind in ("encoder", "decoder"):
-        for i, layer in enumerate(getattr(getattr(model, kind), "layers", [])):
-            handles.append(layer.register_forward_hook(make(kind, i)))
-    return store, handles
+def exit_options(policy: str, **kw) -> List[str]:
+    """Exit options of mue_fairseq.evaluate for one configuration."""
+    if policy == "full":
+        return []
+    if policy == "mue":
+        opts = ["--encoder-exit", "--image-exit-threshold", str(kw["image"]),
+                "--text-exit-threshold", str(kw["text"]), "--decoder-exit-policy", "similarity"]
+        if kw.get("decay"):  # captions: the decaying threshold of Eq. 11
+            return opts + ["--decoder-threshold-decay", "--decay-theta", str(kw["decoder"]),
+                           "--decay-beta", "0.95", "--decay-tau", "1"]
+        return opts + ["--decoder-exit-threshold", str(kw["decoder"])]
+    if policy == "deebert":
+        return ["--decoder-exit-policy", "deebert", "--deebert-entropy-threshold", str(kw["entropy"])]
+    if policy == "pabee":
+        return ["--decoder-exit-policy", "pabee", "--pabee-patience", str(kw["patience"])]
+    if policy == "static":
+        return ["--decoder-exit-policy", "static", "--static-exit-layer", str(kw["layer"])]
+    raise ValueError(policy)
 
 
-def evaluate(model, task, task_name: str, exit_kw: dict, n: int, record_similarity=False):
-    """Greedy decoding of the first ``n`` test samples with the given exit settings; returns
-    (metric_name, metric, metrics, ExitStats, similarities or None)."""
-    import numpy as np
-    import torch
-    from fairseq import utils
+def evaluate(ckpt: str, task: str, split: str, options: List[str], out_dir: str, data_dir: str, force: bool):
+    """Run mue_fairseq.evaluate (cached in `out_dir`); returns (metrics, ExitStats, per-sample quality)."""
+    from mue_fairseq.exits.accounting import ExitStats
 
-    from mue_fairseq.exits.config import ExitConfig
-    from mue_fairseq.generation.exit_generator import ExitAwareSequenceGenerator
+    files = task_files(task, data_dir)
+    metrics_path = os.path.join(out_dir, "test_metrics.json")
+    if force or not os.path.exists(metrics_path):
+        from mue_fairseq.evaluate import run
 
-    exit_cfg = ExitConfig(**exit_kw)
-    kw = dict(beam_size=1, max_len_b=4 if task_name == "snli_ve" else 16, min_len=1)
-    if task_name == "snli_ve":
-        trie = task.constraint_trie
-        from fairseq import search
-
-        kw["search_strategy"] = search.PrefixConstrainedBeamSearch(
-            task.tgt_dict, lambda b, toks: trie.next_tokens(toks.tolist()))
-    else:
-        kw["no_repeat_ngram_size"] = 3
-    gen = ExitAwareSequenceGenerator([model], task.tgt_dict, exit_cfg=exit_cfg, **kw)
-    ds = task.datasets["test"]
-    itr = task.get_batch_iterator(ds, max_sentences=16).next_epoch_itr(shuffle=False)
-    store, handles = similarity_hooks(model) if record_similarity else (None, [])
-    hyps_all, refs_all, hits, seen = [], [], [], 0
-    try:
-        with torch.no_grad():
-            for sample in itr:
-                if not sample or seen >= n:
-                    continue
-                seen += len(sample["id"])
-                if task_name == "snli_ve":
-                    out = task.inference_step(gen, [model], sample)
-                    for ref, hypos in zip(sample["ref_dict"], out):
-                        text = task.bpe.decode(task.tgt_dict.string(utils.strip_pad(hypos[0]["tokens"], task.tgt_dict.pad()))).strip()
-                        hits.append(ref.get(text, 0))
-                else:
-                    h, r = task.generate_captions(gen, sample, model)
-                    hyps_all += h
-                    refs_all += r
-    finally:
-        for h in handles:
-            h.remove()
-    if task_name == "snli_ve":
-        acc = float(np.mean(hits)) if hits else 0.0
-        name, value, metrics = "accuracy", acc, {"accuracy": acc}
-    else:
-        from mue_fairseq.cider import CiderD
-
-        cider = float(CiderD(None).scores(hyps_all, refs_all).mean()) if hyps_all else 0.0
-        name, value, metrics = "CIDEr", cider, {"CIDEr": cider}
-        metrics["example"] = hyps_all[0] if hyps_all else ""
-    sims = None
-    if store is not None:
-        sims = {}
-        for kind, per in store.items():
-            if per:
-                k = min(len(v) for v in per.values())
-                sims[f"{kind} (full depth)"] = np.array([per[i][:k] for i in sorted(per)]).T
-    return name, value, metrics, gen.stats, sims
+        argv = [files["splits"][split], "--path", ckpt, "--task", task, "--gen-subset", "test",
+                "--results-path", out_dir, "--bpe-dir", os.path.join(data_dir, "bpe"), *files["eval_cols"],
+                "--batch-size", "16", "--beam", "1" if task == "caption" else "5", "--max-len-b", "16",
+                "--no-repeat-ngram-size", "3", "--cpu", "--no-progress-bar", "--num-workers", "0", *options]
+        run(argv)
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    stats = ExitStats.from_json(os.path.join(out_dir, "test_exit_stats.json"))
+    return metrics, stats, per_sample_quality(task, out_dir, files["splits"][split])
 
 
-def configurations(task_name: str, sweep: List[float], n_dec: int):
-    """(method, thresholds for the table, ExitConfig kwargs)."""
-    out = [("full depth", {}, {})]
-    if task_name == "snli_ve":
-        out.append(("MuE", {"image": 0.9, "text": 0.95, "decoder": 0.95},
-                    dict(encoder_exit=True, image_exit_threshold=0.9, text_exit_threshold=0.95,
-                         decoder_exit_policy="similarity", decoder_exit_threshold=0.95)))
-        for t in sweep:
-            out.append(("MuE sweep", {"image": t, "text": t, "decoder": t},
-                        dict(encoder_exit=True, image_exit_threshold=t, text_exit_threshold=t,
-                             decoder_exit_policy="similarity", decoder_exit_threshold=t)))
-    else:
-        out.append(("MuE", {"image": 0.9, "text": 0.95, "decay θ": 0.99, "β": 0.95, "τ": 1.0},
-                    dict(encoder_exit=True, image_exit_threshold=0.9, text_exit_threshold=0.95,
-                         decoder_exit_policy="similarity", decoder_threshold_decay=True,
-                         decay_theta=0.99, decay_beta=0.95, decay_tau=1.0)))
-        for t in sweep:
-            out.append(("MuE sweep", {"image": t, "text": t, "decay θ": t},
-                        dict(encoder_exit=True, image_exit_threshold=t, text_exit_threshold=t,
-                             decoder_exit_policy="similarity", decoder_threshold_decay=True,
-                             decay_theta=t, decay_beta=0.95, decay_tau=1.0)))
-    out.append(("DeeBERT", {"entropy": 0.5}, dict(decoder_exit_policy="deebert", deebert_entropy_threshold=0.5)))
-    out.append(("PABEE", {"patience": 2}, dict(decoder_exit_policy="pabee", pabee_patience=2)))
-    k = max(1, n_dec // 2)
-    out.append((f"static depth {k}", {"decoder layer": k}, dict(decoder_exit_policy="static", static_exit_layer=k)))
+def per_sample_quality(task: str, out_dir: str, tsv: str):
+    """SNLI-VE: 1/0 per sample; caption: CIDEr-D per image (pycocoevalcap's n-grams)."""
+    if task == "snli_ve":
+        with open(os.path.join(out_dir, "test_sample_scores.json")) as f:
+            return json.load(f)
+    from mue_fairseq.caption_metrics import read_references
+    from mue_fairseq.cider import CiderD
+
+    with open(os.path.join(out_dir, "test_predict.json")) as f:
+        predictions = json.load(f)
+    refs = read_references(tsv, [1, 4, 2])
+    ids = [p["image_id"] for p in predictions]
+    return [float(s) for s in CiderD(None).scores([p["caption"] for p in predictions], [refs[i] for i in ids])]
+
+
+def sweep(task: str, plan: Plan, n_dec: int) -> List[Tuple[str, dict, List[str]]]:
+    """(method, thresholds shown in the table, exit options) of every evaluated configuration."""
+    decay = task == "caption"
+    paper = {"image": 0.9, "text": 0.95, "decoder": 0.99 if decay else 0.95}
+    out = [("full depth", {}, exit_options("full")),
+           ("MuE (paper's thresholds)", paper, exit_options("mue", decay=decay, **paper))]
+    for t in plan.sweep_mue:
+        th = {"image": t, "text": t, "decoder": t}
+        out.append(("MuE", th, exit_options("mue", decay=decay, **th)))
+    out += [("DeeBERT", {"entropy": e}, exit_options("deebert", entropy=e)) for e in plan.sweep_deebert]
+    out += [("PABEE", {"patience": p}, exit_options("pabee", patience=p)) for p in plan.sweep_pabee]
+    out += [("static depth", {"layer": k}, exit_options("static", layer=k)) for k in plan.sweep_static if k < n_dec]
     return out
 
 
-def run_task(task_name, ckpt, model_label, data_dir, size, results_dir, full_only=False):
-    from mue_fairseq.reporting import ResultRow, plot_exit_histograms, plot_similarity_curves
+def similarity_trace(ckpt: str, task: str, data_dir: str, limit: int = 64) -> Dict[str, "object"]:
+    """Per-layer cosine similarity of each layer's input and output at full depth (Fig. 3):
+    name -> (samples or tokens, layers), from the model's similarity observers."""
+    import numpy as np
+    import torch
+    from fairseq import checkpoint_utils
 
-    model, task = load(ckpt, task_name, data_dir)
-    n = size["eval_n"][task_name]
-    confs = configurations(task_name, size["sweep"][task_name], model.decoder.num_layers)
-    if full_only:
-        confs = confs[:1]
-    rows = []
-    for method, th, kw in confs:
-        t0 = time.time()
-        try:
-            name, value, metrics, stats, sims = evaluate(model, task, task_name, kw, n,
-                                                         record_similarity=(method == "full depth" and not full_only))
-        except Exception as e:  # one failing baseline must not sink the run
-            log(f"{task_name} {method}: FAILED ({type(e).__name__}: {e})")
-            continue
-        example = metrics.pop("example", None)
-        row = ResultRow.from_exit_stats(task_name, method, stats, model=model_label, thresholds=th,
-                                        metric_name=name, metric=value, metrics=metrics)
-        rows.append(row)
-        log(f"{task_name} {method} {th}: {name} {value:.4g}, ETR {row.etr}, {time.time() - t0:.1f}s"
-            + (f", e.g. {example!r}" if example else ""))
-        if sims and not full_only:
-            plot_similarity_curves(sims, os.path.join(results_dir, f"similarity_{task_name}.png"),
-                                   title=f"{task_name}: layer input/output cosine similarity")
-        if method == "MuE" and not full_only:
-            plot_exit_histograms(row.exit_summary, os.path.join(results_dir, f"exits_{task_name}.png"),
-                                 title=f"{task_name}: MuE exit layers")
-    return rows
+    files = task_files(task, data_dir)
+    models, _, t = checkpoint_utils.load_model_ensemble_and_task(
+        [ckpt], arg_overrides={"data": files["splits"]["test"], "bpe_dir": os.path.join(data_dir, "bpe"),
+                               "selected_cols": files["eval_cols"][1]})
+    model = models[0].eval()
+    t.load_dataset("test")
+    ds = t.dataset("test")
+    sample = ds.collater([ds[i] for i in range(min(limit, len(ds)))])
+    seen: Dict[str, Dict[int, torch.Tensor]] = {}
+
+    def observe(name, layer, rows, sim):
+        seen.setdefault(name, {})[layer] = sim.detach().float()
+
+    from mue_fairseq.exits.config import ExitConfig
+
+    model.encoder.similarity_observer = model.decoder.similarity_observer = observe
+    model.set_exit_config(ExitConfig(encoder_exit=True, image_exit_threshold=1.0, text_exit_threshold=1.0,
+                                     decoder_exit_policy="similarity", decoder_exit_threshold=1.0), max_len=8)
+    with torch.no_grad():
+        enc = model.encoder(**sample["net_input"])
+        state, tokens = {}, sample["net_input"]["prev_output_tokens"]
+        steps: Dict[int, list] = {}
+        for step in range(1, min(tokens.size(1), 6) + 1):
+            seen.pop("decoder", None)
+            model.decoder(tokens[:, :step], encoder_out=enc, incremental_state=state)
+            for layer, sim in seen.get("decoder", {}).items():
+                steps.setdefault(layer, []).append(sim)
+    model.set_exit_config(None)
+    curves = {f"{name} encoder": np.stack([seen[name][k].numpy() for k in sorted(seen[name])], axis=1)
+              for name in ("image", "text") if name in seen}
+    if steps:
+        curves["decoder"] = np.stack([torch.cat(steps[k]).numpy() for k in sorted(steps)], axis=1)
+    return curves
+
+
+# ---------------------------------------------------------------------------- calibration
+def calibrate(task: str, ckpt: str, plan: Plan, data_dir: str, eval_dir: str, force: bool):
+    """Learn-then-Test on the validation split along an a-priori path of thresholds; returns the
+    CalibrationResult and the chosen thresholds' exit options."""
+    from mue_fairseq.calibration import Thresholds, calibrate_thresholds
+
+    decay = task == "caption"
+    quality, etr = {}, {}
+    _, _, full = evaluate(ckpt, task, "valid", exit_options("full"), os.path.join(eval_dir, "valid_full"),
+                          data_dir, force)
+    for image, text, decoder in plan.calibration_path:
+        name = f"valid_{image}_{text}_{decoder}"
+        _, stats, q = evaluate(ckpt, task, "valid",
+                               exit_options("mue", image=image, text=text, decoder=decoder, decay=decay),
+                               os.path.join(eval_dir, name), data_dir, force)
+        key = Thresholds(image, text, decoder)
+        quality[key], etr[key] = q, stats.expected_time_reduction()
+    result = calibrate_thresholds(full, quality, etr, epsilon=plan.budget[task], delta=0.1,
+                                  metric_name="accuracy" if task == "snli_ve" else "cider",
+                                  ordering="given", order=[Thresholds(*p) for p in plan.calibration_path])
+    return result
 
 
 # ---------------------------------------------------------------------------- main
+def run_task(task: str, args, plan: Plan, data_dir: str) -> list:
+    from mue_fairseq.reporting import ResultRow, plot_exit_histograms, plot_similarity_curves
+
+    rows = []
+    eval_root = os.path.join(args.work_dir, "eval", task)
+    variants = ["mue", "shallow"] + (["no_layerwise"] if args.full else [])
+    ckpts = {v: train(task, v, data_dir, args.work_dir, plan, args.force) for v in variants}
+    metric_name = "accuracy" if task == "snli_ve" else "CIDEr"
+
+    def add_row(method, variant, th, options, split="test"):
+        out_dir = os.path.join(eval_root, variant, split, method.replace(" ", "_") + "_" +
+                               "_".join(f"{k}{v}" for k, v in th.items()))
+        metrics, stats, _ = evaluate(ckpts[variant], task, split, options, out_dir, data_dir, args.force)
+        value = metrics.get("accuracy" if task == "snli_ve" else "CIDEr")
+        row = ResultRow.from_exit_stats(task, method, stats, model=MODELS[variant][0], thresholds=th,
+                                        metric_name=metric_name, metric=value,
+                                        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log(f"{task} {split} {method} {th}: {metric_name} {value:.4g}, ETR {row.etr:.1%}")
+        rows.append(row)
+        return row
+
+    n_dec = 6
+    # one untimed evaluation first, so one-time start-up costs don't land on the full-depth row
+    evaluate(ckpts["mue"], task, "test", exit_options("full"), os.path.join(eval_root, "warm-up"), data_dir, True)
+    for method, th, options in sweep(task, plan, n_dec):
+        row = add_row(method, "mue", th, options)
+        if method.startswith("MuE (paper"):
+            plot_exit_histograms(row.exit_summary, os.path.join(args.results, f"exits_{task}.png"),
+                                 title=f"{task}: exit layers of MuE at the paper's thresholds")
+    add_row("shallower model", "shallow", {}, exit_options("full"))
+    paper = dict(sweep(task, plan, n_dec)[1][1])
+    add_row("MuE (paper's thresholds), held-out test", "mue", paper,
+            exit_options("mue", decay=task == "caption", **paper), split="test_heldout")
+    if args.full:
+        add_row("w/o layer-wise loss: full depth", "no_layerwise", {}, exit_options("full"))
+        add_row("w/o layer-wise loss: MuE", "no_layerwise", paper, exit_options("mue", decay=task == "caption", **paper))
+        for name, image, text in (("image exits only", paper["image"], 1.0), ("text exits only", 1.0, paper["text"])):
+            add_row(f"MuE, {name}", "mue", {"image": image, "text": text},
+                    exit_options("mue", image=image, text=text, decoder=1.0))
+
+    curves = similarity_trace(ckpts["mue"], task, data_dir)
+    plot_similarity_curves(curves, os.path.join(args.results, f"similarity_{task}.png"),
+                           title=f"{task}: cosine similarity of each layer's input and output (full depth)")
+
+    calib = calibrate(task, ckpts["mue"], plan, data_dir, os.path.join(eval_root, "mue", "calibration"), args.force)
+    log(calib.statement)
+    record = calib.to_dict()
+    if calib.thresholds is not None:
+        image, text, decoder = calib.thresholds
+        th = {"image": image, "text": text, "decoder": decoder}
+        row = add_row("MuE (calibrated thresholds)", "mue", th,
+                      exit_options("mue", decay=task == "caption", **th))
+        record["test"] = {"metric": row.metric, "etr": row.etr}
+    return rows, record
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mue_fairseq.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", default="demo_work", help="data and checkpoints (cached)")
-    p.add_argument("--results", default="results", help="results folder")
-    p.add_argument("--tiny", action="store_true", help="seconds-scale sizes (tests)")
-    p.add_argument("--force", action="store_true", help="regenerate data and retrain")
-    p.add_argument("--shallow", action="store_true",
-                   help="also train and evaluate a 4+4-layer model (OFA-Tiny analogue; adds training time)")
-    p.add_argument("--tasks", default="snli_ve,caption")
+    p.add_argument("--work-dir", default="demo_work", help="data, checkpoints and evaluations (cached)")
+    p.add_argument("--results", default="results", help="where the tables and plots go")
+    p.add_argument("--full", action="store_true", help="also the ablations (Table 2 and Table 4 analogues)")
+    p.add_argument("--force", action="store_true", help="regenerate data, retrain and re-evaluate")
+    p.add_argument("--tiny", action="store_true", help="seconds-scale sizes (the test suite's run)")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: snli_ve, caption")
     args = p.parse_args(argv)
 
-    import logging
-
     import mue_fairseq  # noqa: F401  (registrations, safe checkpoint loading)
+    from mue_fairseq.procedural.build import BuildConfig, build
+    from mue_fairseq.reporting import (fill_wallclock_reductions, format_terminal_summary, plot_tradeoff,
+                                       write_table)
 
-    logging.getLogger("PIL").setLevel(logging.WARNING)
-    from mue_fairseq.reporting import (fill_wallclock_reductions, format_terminal_summary,
-                                       plot_tradeoff, write_table)
-
-    size = SIZES["tiny" if args.tiny else "default"]
-    t_start = time.time()
-    data_dir = os.path.join(args.work_dir, "data")
-    build_data(data_dir, size, args.force)
-    rows = []
-    for task_name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        tcfg = size["ve" if task_name == "snli_ve" else "caption"]
-        ckpt = train(task_name, data_dir, os.path.join(args.work_dir, f"ckpt_{task_name}"), tcfg, args.force)
-        rows += run_task(task_name, ckpt, MODEL_MUE, data_dir, size, args.results)
-        if args.shallow:
-            ckpt_s = train(task_name, data_dir, os.path.join(args.work_dir, f"ckpt_{task_name}_shallow"),
-                           tcfg, args.force, ["--encoder-layers", "4", "--decoder-layers", "4"])
-            shallow = run_task(task_name, ckpt_s, MODEL_SHALLOW, data_dir, size, args.results, full_only=True)
-            for r in shallow:
-                r.method = "shallower model"
-            rows += shallow
-    rows = fill_wallclock_reductions(rows)
+    logging.getLogger().setLevel(logging.WARNING)  # fairseq's import leaves the root logger at DEBUG
+    plan = PLANS["tiny" if args.tiny else "default"]
+    start = time.time()
     os.makedirs(args.results, exist_ok=True)
+    data_dir = os.path.join(args.work_dir, "data")
+    manifest = build(data_dir, BuildConfig(**plan.data), force=args.force)
+    log(f"data in {data_dir} ({'cached' if manifest.get('cached') else 'built'})")
+
+    rows, calibration = [], {}
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        task_rows, calibration[task] = run_task(task, args, plan, data_dir)
+        rows += task_rows
+    rows = fill_wallclock_reductions(rows)
     write_table(rows, os.path.join(args.results, "results.md"), os.path.join(args.results, "results.json"))
-    plot_tradeoff(rows, os.path.join(args.results, "tradeoff.png"))
+    plot_tradeoff([r for r in rows if "held-out" not in r.method and "w/o" not in r.method],
+                  os.path.join(args.results, "tradeoff.png"))
+    with open(os.path.join(args.results, "calibration.json"), "w") as f:
+        json.dump(calibration, f, indent=1, default=str)
     with open(os.path.join(args.results, "run.json"), "w") as f:
-        json.dump({"tiny": args.tiny, "sizes": size, "seconds": time.time() - t_start}, f, indent=1)
+        json.dump({"plan": "tiny" if args.tiny else "default", "full": args.full,
+                   "data": plan.data, "updates": plan.updates, "seconds": time.time() - start}, f, indent=1)
     print(format_terminal_summary(rows))
-    log(f"done in {time.time() - t_start:.0f}s; results in {args.results}/")
+    for task, record in calibration.items():
+        print(f"[{task}] calibration: {record.get('statement')}")
+    log(f"done in {time.time() - start:.0f}s; results in {args.results}/")
     return 0
 
 

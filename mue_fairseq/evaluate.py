@@ -35,6 +35,8 @@ What it does
      one line ``SPICE skipped: <why>`` is printed) against the TSV's references; plus
      ``expected_time_reduction`` and ``generation_seconds`` (wall clock around the
      evaluation calls, device-synchronised);
+   * ``{subset}_sample_scores.json``: per-sample quality where the task has one (SNLI-VE:
+     1/0 per prediction, in the order of the predictions);
    * ``{subset}_exit_stats.json`` (or ``--exit-stats-path``): ``ExitStats.to_json``, per
      sample exit layers, ETR (Eq. 14), compute-weighted reduction, generation wall clock.
      Written with exits off too (full depth: the baseline).
@@ -274,6 +276,9 @@ def main(cfg, **unused) -> Optional[Dict[str, Any]]:
             json.dump(results, f)
         with open(os.path.join(results_path, f"{subset}_metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
+        if scores:  # per-sample quality (SNLI-VE: 1/0), aligned with the predictions
+            with open(os.path.join(results_path, f"{subset}_sample_scores.json"), "w") as f:
+                json.dump(scores, f)
         logger.info("wrote %s/%s_predict.json and %s_metrics.json", results_path, subset, subset)
     else:
         logger.warning("no --results-path: predictions and metrics are not written")
@@ -287,6 +292,16 @@ def main(cfg, **unused) -> Optional[Dict[str, Any]]:
     print(f"| {subset}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
     sys.stdout.flush()
     return metrics
+
+
+def run(argv: List[str]) -> Optional[Dict[str, Any]]:
+    """The command line's evaluation, in this process (single process); returns the metrics."""
+    import mue_fairseq  # noqa: F401
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_generation_parser(), input_args=argv)
+    return main(convert_namespace_to_omegaconf(args))
 
 
 def cli_main(argv: Optional[List[str]] = None) -> None:

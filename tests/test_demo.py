@@ -13,12 +13,15 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert {r["task"] for r in rows} == {"snli_ve", "caption"}
     for task in ("snli_ve", "caption"):
         methods = {r["method"] for r in rows if r["task"] == task}
-        assert {"full depth", "MuE", "DeeBERT", "PABEE"} <= methods, methods
+        assert {"full depth", "MuE", "MuE (paper's thresholds)", "DeeBERT", "PABEE", "static depth",
+                "shallower model"} <= methods, methods
         for r in rows:
             assert r["model"] and r["metric"] is not None and r["etr"] is not None
     md = (results / "results.md").read_text()
     assert "### snli_ve" in md and "### caption" in md
     json.loads((results / "run.json").read_text())
+    calibration = json.loads((results / "calibration.json").read_text())
+    assert set(calibration) == {"snli_ve", "caption"} and all("statement" in c for c in calibration.values())
 
     from PIL import Image
 
@@ -26,9 +29,10 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     for name in pngs:
         with Image.open(results / name) as im:
             im.verify()
-    assert "snli_ve: MuE" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "snli_ve" in out and "calibration" in out
 
     # a re-run reuses the cached data and checkpoints
-    mtime = os.path.getmtime(work / "ckpt_snli_ve" / "checkpoint_last.pt")
+    mtime = os.path.getmtime(work / "ckpt_snli_ve_mue" / "checkpoint_last.pt")
     assert demo.main(["--tiny", "--work-dir", str(work), "--results", str(results)]) == 0
-    assert os.path.getmtime(work / "ckpt_snli_ve" / "checkpoint_last.pt") == mtime
+    assert os.path.getmtime(work / "ckpt_snli_ve_mue" / "checkpoint_last.pt") == mtime
