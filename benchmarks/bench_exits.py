@@ -87,6 +87,8 @@ depth (target < 2 %):
   path's extra cost in situ, but a difference of two noisy medians);
 * ``compaction`` (not in ``direct``): the extra cost of each layer at which half the rows exit
   (index bookkeeping and copies), replayed.
+The table also gives the minor page faults per timed run of ``full`` and ``never`` (getrusage):
+large temporary buffers that the allocator returned to the OS fault in again on every use.
 """
 import argparse
 import json
@@ -120,7 +122,7 @@ from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY  # noqa: E402
 
 import mue_fairseq  # noqa: E402,F401  (registers the model)
-from mue_fairseq.exits import ExitConfig, ExitRecord, ExitStats, masked_mean_cosine, token_cosine  # noqa: E402
+from mue_fairseq.exits import ExitConfig, ExitStats, masked_mean_cosine  # noqa: E402
 from mue_fairseq.testing import deterministic_fill_  # noqa: E402
 import mue_fairseq.models.ofa.encoder as ofa_encoder_module  # noqa: E402
 
@@ -270,10 +272,24 @@ def round_robin(fns: dict, repeats: int, warmup: int = 0):
     names = list(fns)
     for r in range(repeats):
         for k in (names if r % 2 == 0 else names[::-1]):
+            f0 = minor_faults()
             t0 = now()
             own = fns[k]()
             times[k].append(own if own is not None else since(t0))
+            FAULTS.setdefault(k, []).append(minor_faults() - f0)
     return times
+
+
+FAULTS = {}  # setting -> minor page faults per timed run (of the cell being measured)
+
+
+def minor_faults():
+    """Minor page faults of this thread so far (0 where getrusage is not available)."""
+    try:
+        import resource
+        return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_minflt
+    except (ImportError, OSError):
+        return 0
 
 
 def micro(fn, repeats: int = 30, inner: int = 5):
@@ -322,7 +338,8 @@ def pick_threshold(sims, target_layer: float, num_layers: int):
 def exit_layers_at(sims, threshold, num_layers):
     """First 1-based layer < N whose similarity is > threshold, else N. sims: (items, N)."""
     over = sims[:, : num_layers - 1] > threshold
-    first = torch.where(over.any(1), over.float().argmax(1) + 1, torch.full_like(over[:, 0], num_layers, dtype=torch.long))
+    never = torch.full_like(over[:, 0], num_layers, dtype=torch.long)
+    first = torch.where(over.any(1), over.float().argmax(1) + 1, never)
     return first.long()
 
 
@@ -404,7 +421,9 @@ class EncoderBench:
                     img_tok = torch.cat([((m == 1) & v).sum(1) for m, v in valid])
                     txt_tok = torch.cat([((m == 0) & v).sum(1) for m, v in valid])
             repeats, hook_repeats = plan_repeats(time.perf_counter() - t0, budget)
+            FAULTS.clear()
             times = round_robin({k: runner(t) for k, t in thr.items()}, repeats)
+            faults = {k: median(v) for k, v in FAULTS.items()}
             # per-layer times (hooked runs); per unit the calls come as image L1..LN, text L1..LN
             timer = LayerTimer({i: layer for i, layer in enumerate(self.enc.layers)})
             hooked = {k: [] for k in thr}
@@ -431,7 +450,7 @@ class EncoderBench:
             direct["decision"] = tsum([direct[k] for k in ("similarity", "compare_any", "gathers")])
         self.set_thresholds(None)
         out = self.report(batch, units, settings, thr, exits, img_tok, txt_tok, times, hooked, direct)
-        out.update(repeats=repeats, hook_repeats=hook_repeats)
+        out.update(repeats=repeats, hook_repeats=hook_repeats, minor_faults=faults)
         return out
 
     def per_layer_full(self, hooked_full, n_units, c):
@@ -664,7 +683,9 @@ class DecoderBench:
                 exits[name] = (torch.stack(layers) if p is not None
                                else torch.full((len(layers), rows), self.N, dtype=torch.long))
             repeats, hook_repeats = plan_repeats(time.perf_counter() - t0, budget)
+            FAULTS.clear()
             times = round_robin({k: (lambda p=p: self.decode(unit, p)[0]) for k, p in policies.items()}, repeats)
+            faults = {k: median(v) for k, v in FAULTS.items()}
             mods = {}
             for i, layer in enumerate(self.dec.layers):
                 mods[("layer", i)] = layer
@@ -697,7 +718,7 @@ class DecoderBench:
             direct["decision"] = tsum([direct[k] for k in
                                        ("similarity", "compare_any", "gathers", "cache_gathers", "duplicate_ln")])
         out = self.report(batch, rows, settings, thr, exits, times, hooked, direct)
-        out.update(repeats=repeats, hook_repeats=hook_repeats)
+        out.update(repeats=repeats, hook_repeats=hook_repeats, minor_faults=faults)
         return out
 
     def per_step_layer(self, hooked_full, steps, c):
@@ -900,8 +921,8 @@ def markdown(results, meta):
         "Exit decision overhead, as a fraction of the summed layer time at full depth (target < 2%):",
         "",
         "| arch | part | B | rows | runs (hooked) | layer ms (wall/cpu) | direct (wall/cpu) | similarity | row gathers "
-        "| cache gathers | dup. LN | diff never-full (wall/cpu) | compaction |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cache gathers | dup. LN | diff never-full (wall/cpu) | compaction | page faults full/never |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ow, oc = r["overhead"]["wall"], r["overhead"]["cpu"]
@@ -913,7 +934,8 @@ def markdown(results, meta):
             f"| {pct(ow['direct'], 2)}/{pct(oc['direct'], 2)}{flag} | {pct(parts['similarity'], 2)} "
             f"| {pct(parts['gathers'], 2)} | {pct(parts.get('cache_gathers'), 2) if 'cache_gathers' in parts else '-'} "
             f"| {pct(parts.get('duplicate_ln'), 2) if 'duplicate_ln' in parts else '-'} "
-            f"| {pct(ow['diff'])}/{pct(oc['diff'])} | {pct(parts['compaction'], 2)} |"
+            f"| {pct(ow['diff'])}/{pct(oc['diff'])} | {pct(parts['compaction'], 2)} "
+            f"| {r['minor_faults'].get('full', 0):.0f}/{r['minor_faults'].get('never', 0):.0f} |"
         )
     lines += [
         "",
@@ -926,14 +948,15 @@ def markdown(results, meta):
         "Overhead parts (cpu): similarity = cosine + threshold + any(); row gathers = per-layer index of masks/biases; "
         "cache gathers = index_select of the decoder's k/v caches in attention; dup. LN = the decoder's second "
         "self-attention layer norm; compaction (not in `direct`) = extra cost of a layer at which half the rows exit, "
-        "per layer.",
+        "per layer; page faults = minor page faults per timed run (median; fresh large buffers that the allocator "
+        "had handed back to the OS).",
     ]
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="ofa_tiny only, fewer repeats (about a minute)")
+    p.add_argument("--quick", action="store_true", help="ofa_tiny only, shorter time budget (under a minute)")
     p.add_argument("--out", help="write all figures as JSON here")
     p.add_argument("--archs", nargs="+", help="default: ofa_tiny ofa_base (quick: ofa_tiny)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
