@@ -54,11 +54,14 @@ class OFAAttention(nn.Module):
         return x.contiguous().view(x.size(0), -1, self.head_dim).transpose(0, 1)
 
     def project_kv(self, x: Tensor):
-        """Keys and values of `x` `(len, batch, kv_dim)`, each `(batch, heads, len, head_dim)`."""
+        """Keys and values of `x` `(len, batch, kv_dim)`, each `(batch, heads, len, head_dim)`,
+        contiguous (cached tensors are read at every decoding step)."""
         length, bsz = x.shape[:2]
-        k = self._heads(self.k_proj(x)).view(bsz, self.num_heads, length, self.head_dim)
-        v = self._heads(self.v_proj(x)).view(bsz, self.num_heads, length, self.head_dim)
-        return k, v
+
+        def split(t):
+            return t.view(length, bsz, self.num_heads, self.head_dim).permute(1, 2, 0, 3).contiguous()
+
+        return split(self.k_proj(x)), split(self.v_proj(x))
 
     # ---------------------------------------------------------------- cache
     def cached_kv(self, incremental_state: IncrementalState) -> Dict[str, Optional[Tensor]]:
@@ -127,9 +130,10 @@ class OFAAttention(nn.Module):
             attn_mask: additive `(tgt_len, src_len)` (causal mask).
             incremental_state: fairseq's decoding cache. Self-attention appends this step's
                 keys/values; cross-attention computes the encoder's keys/values once.
-            rows: with a cache, the batch rows of the cache that `query` belongs to (early
-                exiting computes only the rows still active); self-attention then expects the
-                caller to have appended this step's keys/values for all rows already.
+            rows: with a cache, the batch rows of the cache that `query` belongs to, ascending
+                (early exiting computes only the rows still active); self-attention then expects
+                the caller to have appended this step's keys/values for all rows already. For
+                cross-attention the caller passes `key_padding_mask` of those rows.
         Returns:
             `(tgt_len, batch, embed_dim)` and, if asked, head-averaged weights `(batch, tgt, src)`.
         """
@@ -150,10 +154,11 @@ class OFAAttention(nn.Module):
             saved = self.cached_kv(incremental_state)
             k, v = saved["prev_key"], saved["prev_value"]
             key_padding_mask = saved["prev_key_padding_mask"]
-            if rows is not None and key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.index_select(0, rows)
-        if rows is not None:
+        # a subset of the cached rows (early exiting); all rows (a shape check, no sync) needs no copy
+        if rows is not None and rows.numel() != k.size(0):
             k, v = k.index_select(0, rows), v.index_select(0, rows)
+            if key_padding_mask is not None and not self.encoder_decoder_attention:
+                key_padding_mask = key_padding_mask.index_select(0, rows)
         src_len = k.size(2)
         k = k.reshape(bsz * self.num_heads, src_len, self.head_dim)
         v = v.reshape(bsz * self.num_heads, src_len, self.head_dim)

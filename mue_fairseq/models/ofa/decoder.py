@@ -99,7 +99,11 @@ class OFADecoder(FairseqIncrementalDecoder):
     def _position_biases(self, tgt_len: int, encoder_pos: Tensor, last_only: bool):
         """Absolute position biases of target positions 0..tgt_len-1 (only the last one as
         query when `last_only`): self `(1, heads, q_len, tgt_len)` and cross
-        `(batch, heads, q_len, src_len)`, plus the raw position embeddings of the queries."""
+        `(1, heads, q_len, src_len)`, plus the raw position embeddings of the queries.
+
+        The encoder's position embeddings are the same for every row of a batch (image grid
+        positions, then text positions 0..src_len-1; padding is masked, not re-positioned), so
+        the cross bias is computed once and broadcast over the batch."""
         device = encoder_pos.device
         raw = self.embed_positions(torch.arange(tgt_len, device=device))  # (tgt_len, dim)
         normed = self.pos_ln(raw)
@@ -111,10 +115,9 @@ class OFADecoder(FairseqIncrementalDecoder):
         q_self = heads(self.self_pos_q_linear(queries)) * self.pos_scaling
         k_self = heads(self.self_pos_k_linear(normed))
         self_bias = torch.matmul(q_self, k_self.transpose(1, 2)).unsqueeze(0)
-        bsz, src_len = encoder_pos.shape[:2]
         q_cross = heads(self.cross_pos_q_linear(queries)) * self.pos_scaling
-        k_cross = self.cross_pos_k_linear(encoder_pos).view(bsz, src_len, self.num_heads, -1).transpose(1, 2)
-        cross_bias = torch.matmul(q_cross.unsqueeze(0), k_cross.transpose(2, 3))
+        k_cross = heads(self.cross_pos_k_linear(encoder_pos[0]))
+        cross_bias = torch.matmul(q_cross, k_cross.transpose(1, 2)).unsqueeze(0)
         return self_bias, cross_bias, raw[-1:] if last_only else raw
 
     def _rel_bias(self, layer: int, tgt_len: int, last_only: bool) -> Tensor:
@@ -227,15 +230,14 @@ class OFADecoder(FairseqIncrementalDecoder):
         layer_input = x
         final = x.new_empty(x.shape)
         hidden = x
+        rows_enc_pad = enc_pad
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.project_kv(layer.self_attn_input(layer_input))
             layer.self_attn.append_kv(incremental_state, k, v, pad_mask)
-            rows_enc_pad = enc_pad.index_select(0, active) if enc_pad is not None else None
-            rows_cross = cross_bias.index_select(0, active) if cross_bias.size(0) > 1 else cross_bias
             out, _ = layer(
                 hidden, enc, rows_enc_pad,
                 self_attn_bias=self_bias + self._rel_bias(i, tgt_len, True),
-                cross_attn_bias=rows_cross,
+                cross_attn_bias=cross_bias,
                 incremental_state=incremental_state,
                 rows=active,
             )
@@ -253,6 +255,8 @@ class OFADecoder(FairseqIncrementalDecoder):
                 layer_input = layer_input.index_copy(1, done, out[:, exits])
                 keep = ~exits
                 active, out, state = active[keep], out[:, keep], policy.select(state, keep)
+                if enc_pad is not None:
+                    rows_enc_pad = enc_pad.index_select(0, active)
                 if active.numel() == 0:
                     # every row exited: the remaining layers still need this position's keys/values
                     for later in self.layers[i + 1:]:

@@ -157,9 +157,8 @@ class OFAEncoder(FairseqEncoder):
         buckets = self.token_rp_bucket[:length, :length]
         return F.embedding(buckets, self.token_rel_pos_table_list[layer].weight).permute(2, 0, 1).unsqueeze(0)
 
-    def _image_rel_bias(self, layer: int, ids: Tensor) -> Tensor:
-        """`(1, heads, n_patches, n_patches)`."""
-        buckets = self.image_rp_bucket[ids][:, ids]
+    def _image_rel_bias(self, layer: int, buckets: Tensor) -> Tensor:
+        """`buckets` of the patch pairs (`image_rp_bucket[ids][:, ids]`) -> `(1, heads, n_patches, n_patches)`."""
         return F.embedding(buckets, self.image_rel_pos_table_list[layer].weight).permute(2, 0, 1).unsqueeze(0)
 
     # ------------------------------------------------------------------ forward
@@ -220,10 +219,11 @@ class OFAEncoder(FairseqEncoder):
             "position_embeddings": [pos],
             "modality": [modality],
         }
+        image_buckets = self.image_rp_bucket[image_ids][:, image_ids]
         if self.decompose_modalities:
             n_img = image.size(1)
             streams = [
-                ("image", x[:, :n_img], image_pad, pos[:, :n_img], lambda i: self._image_rel_bias(i, image_ids)),
+                ("image", x[:, :n_img], image_pad, pos[:, :n_img], lambda i: self._image_rel_bias(i, image_buckets)),
                 ("text", x[:, n_img:], text_pad, pos[:, n_img:], lambda i: self._text_rel_bias(i, src_len)),
             ]
             thresholds = self.exit_thresholds or (None, None)
@@ -232,7 +232,7 @@ class OFAEncoder(FairseqEncoder):
             out["image_exit_layer"], out["text_exit_layer"] = [results[0][1]], [results[1][1]]
             out["encoder_states"] = []
         else:
-            bias = self._abs_position_bias(pos)
+            bias = self._abs_position_bias(pos[:1])  # positions are the same for every row
             n_img = image.size(1)
             states = [x.transpose(0, 1)] if return_all_hiddens else []
             hidden = x.transpose(0, 1)
@@ -240,7 +240,7 @@ class OFAEncoder(FairseqEncoder):
                 layer_bias = bias.clone()
                 layer_bias[:, :, n_img:, n_img:] += self._text_rel_bias(i, src_len)
                 if n_img:
-                    layer_bias[:, :, :n_img, :n_img] += self._image_rel_bias(i, image_ids)
+                    layer_bias[:, :, :n_img, :n_img] += self._image_rel_bias(i, image_buckets)
                 hidden = layer(hidden, padding_mask if has_pads else None, layer_bias)
                 if return_all_hiddens:
                     states.append(hidden)
@@ -269,16 +269,16 @@ class OFAEncoder(FairseqEncoder):
         else:  # an all-pad row would give NaN attention: let it attend to its (masked-out) pads
             pad = pad & ~empty[:, None]
             active = None
-        bias = self._abs_position_bias(pos)
+        bias = self._abs_position_bias(pos[:1])  # positions are the same for every row
         hidden = x.transpose(0, 1) if active is None else x.transpose(0, 1)[:, active]
+        rows_pad = pad if active is None else pad[active]
+        mask = rows_pad if bool(rows_pad.any()) else None
         for i, layer in enumerate(self.layers):
             if active is not None and active.numel() == 0:
                 break
-            rows_pad = pad if active is None else pad[active]
-            rows_bias = (bias if active is None else bias[active]) + rel_bias(i)
-            new_hidden = layer(hidden, rows_pad if bool(rows_pad.any()) else None, rows_bias)
+            new_hidden = layer(hidden, mask, bias + rel_bias(i))
             if threshold is not None:  # Eqs. 8-9: mean token cosine between the layer's input and output
-                similarity = masked_mean_cosine(hidden.transpose(0, 1), new_hidden.transpose(0, 1), rows_pad)
+                similarity = masked_mean_cosine(hidden.transpose(0, 1), new_hidden.transpose(0, 1), mask)
                 if self.similarity_observer is not None:
                     self.similarity_observer(name, i + 1, active, similarity)
                 exits = similarity > threshold
@@ -286,7 +286,11 @@ class OFAEncoder(FairseqEncoder):
                     done = active[exits]
                     output[:, done] = new_hidden[:, exits]
                     exit_layer[done] = i + 1
-                    active, new_hidden = active[~exits], new_hidden[:, ~exits]
+                    keep = ~exits
+                    active, new_hidden = active[keep], new_hidden[:, keep]
+                    if mask is not None:
+                        rows_pad = rows_pad[keep]
+                        mask = rows_pad if bool(rows_pad.any()) else None
             hidden = new_hidden
         if active is None:
             output = hidden
