@@ -7,8 +7,9 @@
 2. Fine-tunes ``ofa_demo`` (6 + 6 layers) with MuE — ``--decompose-modalities`` and the
    layer-wise task loss — through ``fairseq-train --user-dir mue_fairseq`` (its progress is
    shown), and a shallower 4 + 4 model trained the same way (the OFA-Tiny analogue).
-   ``--full`` adds the ablation "w/o layer-wise loss" (Table 4 analogue) and image-only /
-   text-only encoder exits (Table 2 analogue).
+   ``--full`` adds the ablations "w/o layer-wise loss" and "w/o decomposition" (Table 4
+   analogue; a joint encoder cannot exit per modality, so there only the decoder exits) and
+   image-only / text-only encoder exits (Table 2 analogue).
 3. Evaluates with ``mue_fairseq.evaluate`` on the test split: full depth, MuE at the paper's
    thresholds, a MuE threshold sweep, and the DeeBERT / PABEE / static-depth decoder exits,
    each a sweep so methods can be compared at equal ETR; and the held-out test set.
@@ -57,7 +58,7 @@ PLANS = {
         data=dict(ve_train=9000, ve_valid=1000, ve_test=500, ve_test_heldout=500, caption_train_images=800,
                   caption_eval_images=100, refs_per_image=5),
         updates={"snli_ve": 800, "caption": 500},
-        sweep_mue=(0.99, 0.95, 0.85), sweep_deebert=(0.05, 0.5), sweep_pabee=(1, 2), sweep_static=(2, 4),
+        sweep_mue=(0.99, 0.95, 0.85), sweep_deebert=(1.0, 2.5), sweep_pabee=(1, 2), sweep_static=(2, 4),
         calibration_path=((0.99, 0.99, 0.99), (0.97, 0.97, 0.97), (0.95, 0.95, 0.95), (0.9, 0.95, 0.95),
                           (0.9, 0.9, 0.9), (0.85, 0.85, 0.85)),
     ),
@@ -75,6 +76,7 @@ MODELS = {  # variant -> (table label, extra fairseq-train options)
     "shallow": ("shallower 4+4, trained the same way",
                 ["--decompose-modalities", "--layerwise-loss", "--encoder-layers", "4", "--decoder-layers", "4"]),
     "no_layerwise": ("MuE w/o layer-wise loss, 6+6", ["--decompose-modalities"]),
+    "no_decomposition": ("MuE w/o decomposition, 6+6", ["--layerwise-loss"]),
 }
 
 
@@ -275,7 +277,7 @@ def run_task(task: str, args, plan: Plan, data_dir: str) -> list:
 
     rows = []
     eval_root = os.path.join(args.work_dir, "eval", task)
-    variants = ["mue", "shallow"] + (["no_layerwise"] if args.full else [])
+    variants = ["mue", "shallow"] + (["no_layerwise", "no_decomposition"] if args.full else [])
     ckpts = {v: train(task, v, data_dir, args.work_dir, plan, args.force) for v in variants}
     metric_name = "accuracy" if task == "snli_ve" else "CIDEr"
 
@@ -299,20 +301,29 @@ def run_task(task: str, args, plan: Plan, data_dir: str) -> list:
         if method.startswith("MuE (paper"):
             plot_exit_histograms(row.exit_summary, os.path.join(args.results, f"exits_{task}.png"),
                                  title=f"{task}: exit layers of MuE at the paper's thresholds")
-    add_row("shallower model", "shallow", {}, exit_options("full"))
+    shallow = add_row("shallower model", "shallow", {}, exit_options("full"))
+    # its reductions are against the 6+6 model at full depth (the paper's OFA-Tiny row): 4 of 6 layers
+    shallow.etr = shallow.compute_reduction = 1 - 4 / 6
     paper = dict(sweep(task, plan, n_dec)[1][1])
     add_row("MuE (paper's thresholds), held-out test", "mue", paper,
             exit_options("mue", decay=task == "caption", **paper), split="test_heldout")
     if args.full:
         add_row("w/o layer-wise loss: full depth", "no_layerwise", {}, exit_options("full"))
         add_row("w/o layer-wise loss: MuE", "no_layerwise", paper, exit_options("mue", decay=task == "caption", **paper))
+        # a joint encoder cannot exit per modality: only the decoder exits, at the paper's threshold
+        add_row("w/o decomposition: full depth", "no_decomposition", {}, exit_options("full"))
+        decoder_only = ["--decoder-exit-policy", "similarity"] + (
+            ["--decoder-threshold-decay", "--decay-theta", str(paper["decoder"])] if task == "caption"
+            else ["--decoder-exit-threshold", str(paper["decoder"])])
+        add_row("w/o decomposition: MuE (decoder exits)", "no_decomposition", {"decoder": paper["decoder"]},
+                decoder_only)
         for name, image, text in (("image exits only", paper["image"], 1.0), ("text exits only", 1.0, paper["text"])):
             add_row(f"MuE, {name}", "mue", {"image": image, "text": text},
                     exit_options("mue", image=image, text=text, decoder=1.0))
 
     curves = similarity_trace(ckpts["mue"], task, data_dir)
     plot_similarity_curves(curves, os.path.join(args.results, f"similarity_{task}.png"),
-                           title=f"{task}: cosine similarity of each layer's input and output (full depth)")
+                           title=f"{task}: cosine(layer input, layer output), full depth")
 
     calib = calibrate(task, ckpts["mue"], plan, data_dir, os.path.join(eval_root, "mue", "calibration"), args.force)
     log(calib.statement)
