@@ -32,6 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from .calibrate import calibrate, exit_options
+from .calibrate import evaluate as evaluate_file
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(PACKAGE_DIR)
 TASKS = ("snli_ve", "caption")
@@ -136,59 +139,11 @@ def train(task: str, variant: str, data_dir: str, work_dir: str, plan: Plan, for
 
 
 # ---------------------------------------------------------------------------- evaluation
-def exit_options(policy: str, **kw) -> List[str]:
-    """Exit options of mue_fairseq.evaluate for one configuration."""
-    if policy == "full":
-        return []
-    if policy == "mue":
-        opts = ["--encoder-exit", "--image-exit-threshold", str(kw["image"]),
-                "--text-exit-threshold", str(kw["text"]), "--decoder-exit-policy", "similarity"]
-        if kw.get("decay"):  # captions: the decaying threshold of Eq. 11
-            return opts + ["--decoder-threshold-decay", "--decay-theta", str(kw["decoder"]),
-                           "--decay-beta", "0.95", "--decay-tau", "1"]
-        return opts + ["--decoder-exit-threshold", str(kw["decoder"])]
-    if policy == "deebert":
-        return ["--decoder-exit-policy", "deebert", "--deebert-entropy-threshold", str(kw["entropy"])]
-    if policy == "pabee":
-        return ["--decoder-exit-policy", "pabee", "--pabee-patience", str(kw["patience"])]
-    if policy == "static":
-        return ["--decoder-exit-policy", "static", "--static-exit-layer", str(kw["layer"])]
-    raise ValueError(policy)
-
-
 def evaluate(ckpt: str, task: str, split: str, options: List[str], out_dir: str, data_dir: str, force: bool):
-    """Run mue_fairseq.evaluate (cached in `out_dir`); returns (metrics, ExitStats, per-sample quality)."""
-    from mue_fairseq.exits.accounting import ExitStats
-
+    """mue_fairseq.evaluate on one split of the demo data (cached in `out_dir`)."""
     files = task_files(task, data_dir)
-    metrics_path = os.path.join(out_dir, "test_metrics.json")
-    if force or not os.path.exists(metrics_path):
-        from mue_fairseq.evaluate import run
-
-        argv = [files["splits"][split], "--path", ckpt, "--task", task, "--gen-subset", "test",
-                "--results-path", out_dir, "--bpe-dir", os.path.join(data_dir, "bpe"), *files["eval_cols"],
-                "--batch-size", "16", "--beam", "1" if task == "caption" else "5", "--max-len-b", "16",
-                "--no-repeat-ngram-size", "3", "--cpu", "--no-progress-bar", "--num-workers", "0", *options]
-        run(argv)
-    with open(metrics_path) as f:
-        metrics = json.load(f)
-    stats = ExitStats.from_json(os.path.join(out_dir, "test_exit_stats.json"))
-    return metrics, stats, per_sample_quality(task, out_dir, files["splits"][split])
-
-
-def per_sample_quality(task: str, out_dir: str, tsv: str):
-    """SNLI-VE: 1/0 per sample; caption: CIDEr-D per image (pycocoevalcap's n-grams)."""
-    if task == "snli_ve":
-        with open(os.path.join(out_dir, "test_sample_scores.json")) as f:
-            return json.load(f)
-    from mue_fairseq.caption_metrics import read_references
-    from mue_fairseq.cider import CiderD
-
-    with open(os.path.join(out_dir, "test_predict.json")) as f:
-        predictions = json.load(f)
-    refs = read_references(tsv, [1, 4, 2])
-    ids = [p["image_id"] for p in predictions]
-    return [float(s) for s in CiderD(None).scores([p["caption"] for p in predictions], [refs[i] for i in ids])]
+    return evaluate_file(ckpt, task, files["splits"][split], files["eval_cols"][1],
+                         os.path.join(data_dir, "bpe"), options, out_dir, force)
 
 
 def sweep(task: str, plan: Plan, n_dec: int) -> List[Tuple[str, dict, List[str]]]:
@@ -248,29 +203,6 @@ def similarity_trace(ckpt: str, task: str, data_dir: str, limit: int = 64) -> Di
     return curves
 
 
-# ---------------------------------------------------------------------------- calibration
-def calibrate(task: str, ckpt: str, plan: Plan, data_dir: str, eval_dir: str, force: bool):
-    """Learn-then-Test on the validation split along an a-priori path of thresholds; returns the
-    CalibrationResult and the chosen thresholds' exit options."""
-    from mue_fairseq.calibration import Thresholds, calibrate_thresholds
-
-    decay = task == "caption"
-    quality, etr = {}, {}
-    _, _, full = evaluate(ckpt, task, "valid", exit_options("full"), os.path.join(eval_dir, "valid_full"),
-                          data_dir, force)
-    for image, text, decoder in plan.calibration_path:
-        name = f"valid_{image}_{text}_{decoder}"
-        _, stats, q = evaluate(ckpt, task, "valid",
-                               exit_options("mue", image=image, text=text, decoder=decoder, decay=decay),
-                               os.path.join(eval_dir, name), data_dir, force)
-        key = Thresholds(image, text, decoder)
-        quality[key], etr[key] = q, stats.expected_time_reduction()
-    result = calibrate_thresholds(full, quality, etr, epsilon=plan.budget[task], delta=0.1,
-                                  metric_name="accuracy" if task == "snli_ve" else "cider",
-                                  ordering="given", order=[Thresholds(*p) for p in plan.calibration_path])
-    return result
-
-
 # ---------------------------------------------------------------------------- main
 def run_task(task: str, args, plan: Plan, data_dir: str) -> list:
     from mue_fairseq.reporting import ResultRow, plot_exit_histograms, plot_similarity_curves
@@ -325,7 +257,10 @@ def run_task(task: str, args, plan: Plan, data_dir: str) -> list:
     plot_similarity_curves(curves, os.path.join(args.results, f"similarity_{task}.png"),
                            title=f"{task}: cosine(layer input, layer output), full depth")
 
-    calib = calibrate(task, ckpts["mue"], plan, data_dir, os.path.join(eval_root, "mue", "calibration"), args.force)
+    files = task_files(task, data_dir)
+    calib = calibrate(ckpts["mue"], task, files["splits"]["valid"], files["eval_cols"][1], os.path.join(data_dir, "bpe"),
+                      os.path.join(eval_root, "mue", "calibration"), plan.calibration_path, plan.budget[task],
+                      force=args.force)
     log(calib.statement)
     record = calib.to_dict()
     if calib.thresholds is not None:
