@@ -60,7 +60,7 @@ PLANS = {
     "default": Plan(
         data=dict(ve_train=9000, ve_valid=1000, ve_test=500, ve_test_heldout=500, caption_train_images=800,
                   caption_eval_images=100, refs_per_image=5),
-        updates={"snli_ve": 800, "caption": 500},
+        updates={"snli_ve": 800, "caption": 900},
         sweep_mue=(0.99, 0.95, 0.85), sweep_deebert=(1.0, 2.5), sweep_pabee=(1, 2), sweep_static=(2, 4),
         calibration_path=((0.99, 0.99, 0.99), (0.97, 0.97, 0.97), (0.95, 0.95, 0.95), (0.9, 0.95, 0.95),
                           (0.9, 0.9, 0.9), (0.85, 0.85, 0.85)),
