@@ -108,6 +108,17 @@ class AdjustLabelSmoothedCrossEntropyCriterionConfig(FairseqDataclass):
     )
 
 
+def mask_outside_range(logits, start: Optional[int], end: Optional[int]):
+    """OFA's ``--constraint-range``: logits of symbols 4..start-1 and end.. become -inf
+    (the 4 special symbols and [start, end) stay); unchanged without a range."""
+    if start is None or end is None:
+        return logits
+    disallowed = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+    disallowed[4:start] = True
+    disallowed[end:] = True
+    return logits.masked_fill(disallowed, -math.inf)
+
+
 def parse_constraint_range(constraint_range: Optional[str]) -> Tuple[Optional[int], Optional[int]]:
     """``"START,END"`` → (START, END); None → (None, None)."""
     if constraint_range is None or str(constraint_range).strip() == "":
@@ -263,11 +274,7 @@ class AdjustLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         range) are -inf before the log-softmax; ``conf`` (K,) scales the result."""
         if constraint_masks is not None:
             logits = logits.masked_fill(~constraint_masks, -math.inf)
-        if self.constraint_start is not None and self.constraint_end is not None:
-            disallowed = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
-            disallowed[4 : self.constraint_start] = True
-            disallowed[self.constraint_end :] = True
-            logits = logits.masked_fill(disallowed, -math.inf)
+        logits = mask_outside_range(logits, self.constraint_start, self.constraint_end)
         lprobs = model.get_normalized_probs((logits, None), log_probs=True)
         if conf is not None:
             lprobs = lprobs * conf.unsqueeze(-1).to(lprobs.dtype)

@@ -33,7 +33,6 @@ batch-major log-probabilities (OFA's slices the batch axis there; no OFA recipe 
 the reward has the log-probabilities' dtype (OFA: float64).
 """
 import json
-import math
 from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -47,7 +46,7 @@ from omegaconf import II
 
 from mue_fairseq.cider import REFERENCE_SEPARATOR, CiderD, leave_one_out_rewards, scst_text
 
-from .label_smoothed_cross_entropy import parse_constraint_range
+from .label_smoothed_cross_entropy import mask_outside_range, parse_constraint_range
 
 
 @dataclass
@@ -212,11 +211,7 @@ class ScstRewardCriterion(FairseqCriterion):
         return model(**net_input), target.to(device)
 
     def normalized_lprobs(self, model, logits):
-        if self.constraint_start is not None and self.constraint_end is not None:
-            disallowed = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
-            disallowed[4 : self.constraint_start] = True
-            disallowed[self.constraint_end :] = True
-            logits = logits.masked_fill(disallowed, -math.inf)
+        logits = mask_outside_range(logits, self.constraint_start, self.constraint_end)
         return model.get_normalized_probs((logits, None), log_probs=True)
 
     # ------------------------------------------------------------------ logging

@@ -7,6 +7,15 @@
 #                               package first, else this checkout; then PYTHONPATH includes
 #                               the checkout) unless USER_DIR is already set
 #   total_batch_to_update_freq TOTAL PER_GPU GPUS   echo the --update-freq giving TOTAL
+#   OFA_RELEASED_MODEL_FLAGS    the model flags every released OFA checkpoint was trained with
+#                               (OFA's arch functions leave the NormFormer ones off)
+
+OFA_RELEASED_MODEL_FLAGS=(
+  --encoder-normalize-before --decoder-normalize-before
+  --share-decoder-input-output-embed --share-all-embeddings
+  --layernorm-embedding --patch-layernorm-embedding --code-layernorm-embedding
+  --add-type-embedding --scale-attn --scale-fc --scale-heads --disable-entangle
+)
 
 die() {
   echo "error: $*" >&2

@@ -75,13 +75,7 @@ torchrun --nproc_per_node="${GPUS}" --master_port="${MASTER_PORT}" --no-python f
     --batch-size="${BATCH_SIZE}" \
     --update-freq="${UPDATE_FREQ}" \
     --decompose-modalities \
-    --encoder-normalize-before \
-    --decoder-normalize-before \
-    --share-decoder-input-output-embed \
-    --share-all-embeddings \
-    --layernorm-embedding \
-    --patch-layernorm-embedding \
-    --code-layernorm-embedding \
+    "${OFA_RELEASED_MODEL_FLAGS[@]}" \
     --resnet-drop-path-rate="${RESNET_DROP_PATH_RATE}" \
     --encoder-drop-path-rate="${ENCODER_DROP_PATH_RATE}" \
     --decoder-drop-path-rate="${DECODER_DROP_PATH_RATE}" \
@@ -105,11 +99,6 @@ torchrun --nproc_per_node="${GPUS}" --master_port="${MASTER_PORT}" --no-python f
     --find-unused-parameters \
     --freeze-encoder-embedding \
     --freeze-decoder-embedding \
-    --add-type-embedding \
-    --scale-attn \
-    --scale-fc \
-    --scale-heads \
-    --disable-entangle \
     --num-bins="${NUM_BINS}" \
     --patch-image-size="${PATCH_IMAGE_SIZE}" \
     --scst \

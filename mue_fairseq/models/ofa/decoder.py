@@ -11,7 +11,6 @@ import math
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from fairseq import utils
 from fairseq.models import FairseqIncrementalDecoder
 from fairseq.modules import LayerNorm
@@ -125,7 +124,7 @@ class OFADecoder(FairseqIncrementalDecoder):
         buckets = self.token_rp_bucket[:tgt_len, :tgt_len]
         if last_only:
             buckets = buckets[-1:]
-        return F.embedding(buckets, self.token_rel_pos_table_list[layer].weight).permute(2, 0, 1).unsqueeze(0)
+        return positions.relative_bias(self.token_rel_pos_table_list[layer], buckets)
 
     def embed(self, tokens: Tensor, raw_positions: Tensor) -> Tensor:
         """`(batch, len)` tokens -> `(len, batch, dim)` layer input."""

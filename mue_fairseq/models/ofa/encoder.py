@@ -10,7 +10,6 @@ import math
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from fairseq.models import FairseqEncoder
 from fairseq.modules import LayerNorm
 from fairseq.modules.fairseq_dropout import FairseqDropout
@@ -154,12 +153,11 @@ class OFAEncoder(FairseqEncoder):
 
     def _text_rel_bias(self, layer: int, length: int) -> Tensor:
         """`(1, heads, length, length)`."""
-        buckets = self.token_rp_bucket[:length, :length]
-        return F.embedding(buckets, self.token_rel_pos_table_list[layer].weight).permute(2, 0, 1).unsqueeze(0)
+        return positions.relative_bias(self.token_rel_pos_table_list[layer], self.token_rp_bucket[:length, :length])
 
     def _image_rel_bias(self, layer: int, buckets: Tensor) -> Tensor:
         """`buckets` of the patch pairs (`image_rp_bucket[ids][:, ids]`) -> `(1, heads, n_patches, n_patches)`."""
-        return F.embedding(buckets, self.image_rel_pos_table_list[layer].weight).permute(2, 0, 1).unsqueeze(0)
+        return positions.relative_bias(self.image_rel_pos_table_list[layer], buckets)
 
     # ------------------------------------------------------------------ forward
     def forward(

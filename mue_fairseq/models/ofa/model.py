@@ -8,7 +8,6 @@ load strictly; call signatures are OFA's, so OFA-style code drives it.
 import logging
 from typing import Optional
 
-import torch
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import FairseqEncoderDecoderModel, register_model, register_model_architecture
 from fairseq.modules.transformer_sentence_encoder import init_bert_params

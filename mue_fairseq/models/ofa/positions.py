@@ -49,6 +49,11 @@ def image_relative_buckets(bucket_size: int) -> torch.LongTensor:
     return table
 
 
+def relative_bias(table: nn.Embedding, buckets: torch.Tensor) -> torch.Tensor:
+    """Per-head bias of bucketed position pairs: `(q_len, k_len)` buckets -> `(1, heads, q_len, k_len)`."""
+    return table(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
 def num_image_buckets(bucket_size: int) -> int:
     return (2 * bucket_size - 1) ** 2 + 3
 
